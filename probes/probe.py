@@ -1,0 +1,445 @@
+"""The sparsity probe: one prefill pass of a small causal LM over a request, reduced to numbers.
+
+``SparsityProbe.measure(inputs)`` takes strings or chat-message lists, applies the model's chat
+template with the generation prompt (as the paper does), keeps the *tail* of inputs longer than
+``max_tokens``, left-pads a batch, and runs the base model only up to the deepest requested
+layer: no LM head, no unused layers. Hidden states are read at the last prompt token and,
+optionally, averaged over the prompt's tokens (the first token, an attention sink with outsized
+activations, is left out of the average).
+
+Layer numbering follows transformers' ``output_hidden_states``: 0 is the embedding output,
+``i`` the output of decoder layer ``i``, and the last layer (``n`` or ``-1``) is taken after the
+final norm. Negative indices count from the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from probes.errors import ProbeInputError
+from probes.metrics import METRIC_NAMES, METRICS, compute_all, sparsity
+from probes.model import DEFAULT_MODEL, LoadedModel, load_model
+
+__all__ = [
+    "PROBE_VERSION",
+    "Position",
+    "ProbeInput",
+    "ProbeResult",
+    "ProbeSettings",
+    "SparsityProbe",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever a change alters probe numbers; part of the fingerprint calibrations check.
+PROBE_VERSION = "1"
+
+Position = Literal["last", "mean"]
+Message = Mapping[str, Any]
+ProbeInput = str | Sequence[Message]
+
+
+class ProbeSettings(BaseModel):
+    """How to probe. Defaults are the configuration chosen from ``bench/signal.py``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(DEFAULT_MODEL, description="hub id, local dir, .gguf file or bundled:NAME")
+    device: str = "auto"
+    dtype: str = "auto"
+    layers: tuple[int, ...] = Field((-1,), description="layers to report (negative from the end)")
+    metrics: tuple[str, ...] = METRIC_NAMES
+    score_metric: str = "top1_energy"
+    score_layer: int = -1
+    score_position: Position = "last"
+    token_mean: bool = Field(False, description="also report metrics averaged over tokens")
+    max_tokens: int = Field(512, ge=2, le=131072)
+    batch_size: int = Field(16, ge=1, le=1024)
+    chat_template: bool = True
+    system_prompt: str | None = None
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: leave)")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in v if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRIC_NAMES)}")
+        if not v:
+            raise ValueError("at least one metric is needed")
+        return v
+
+    @field_validator("score_metric")
+    @classmethod
+    def _known_score_metric(cls, v: str) -> str:
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; known: {', '.join(METRIC_NAMES)}")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _some_layers(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("at least one layer is needed")
+        return v
+
+    @model_validator(mode="after")
+    def _score_is_measured(self) -> ProbeSettings:
+        if self.score_metric not in self.metrics:
+            raise ValueError(f"score_metric {self.score_metric!r} must be one of metrics")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What the probe measured on one input.
+
+    ``metrics[layer][name]`` holds raw metric values at the last prompt token;
+    ``metrics_mean`` the same averaged over tokens (when enabled). ``score`` is the configured
+    headline metric oriented so that higher = sparser (less familiar ground); ``percentile`` is
+    filled in by a calibration.
+    """
+
+    n_tokens: int
+    score: float
+    metrics: Mapping[int, Mapping[str, float]]
+    metrics_mean: Mapping[int, Mapping[str, float]] | None = None
+    truncated: bool = False
+    percentile: float | None = None
+
+    def value(self, layer: int, name: str, position: Position = "last") -> float:
+        table = self.metrics if position == "last" else self.metrics_mean
+        if table is None:
+            raise KeyError("token-mean metrics were not computed (set token_mean)")
+        return table[layer][name]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "n_tokens": self.n_tokens,
+            "score": self.score,
+            "percentile": self.percentile,
+            "truncated": self.truncated,
+            "metrics": _layers_to_json(self.metrics),
+        }
+        if self.metrics_mean is not None:
+            out["metrics_mean"] = _layers_to_json(self.metrics_mean)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
+        mean = data.get("metrics_mean")
+        pct = data.get("percentile")
+        return cls(
+            n_tokens=int(data["n_tokens"]),
+            score=float(data["score"]),
+            metrics=_layers_from_json(data["metrics"]),
+            metrics_mean=_layers_from_json(mean) if mean is not None else None,
+            truncated=bool(data.get("truncated", False)),
+            percentile=None if pct is None else float(pct),
+        )
+
+
+def _layers_to_json(table: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    return {f"L{layer}": dict(values) for layer, values in table.items()}
+
+
+def _layers_from_json(table: Mapping[str, Mapping[str, Any]]) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for key, values in table.items():
+        if not key.startswith("L"):
+            raise ValueError(f"layer key {key!r} must look like 'L12'")
+        out[int(key[1:])] = {str(k): float(v) for k, v in values.items()}
+    return out
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once the deepest needed layer has run."""
+
+
+@dataclass(slots=True)
+class _Encoded:
+    ids: list[int]
+    truncated: bool
+    order: int = field(default=0)
+
+
+def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
+    """(base model without LM head, its decoder layers, its final norm) for common families."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if base is None:
+        base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+            assert base is not None
+            return base, layers, norm
+    raise ProbeInputError(
+        f"cannot find the decoder layers of {type(model).__name__}: the probe supports "
+        "decoder-only models whose base exposes .layers (Llama, Mistral, Qwen, ...) or .h (GPT-2)"
+    )
+
+
+class SparsityProbe:
+    """Measures activation sparsity of a causal LM on requests. Thread-safe (one pass at a time)."""
+
+    def __init__(self, settings: ProbeSettings | None = None, *, loaded: LoadedModel | None = None):
+        self.settings = settings or ProbeSettings()
+        if self.settings.threads is not None:
+            torch.set_num_threads(self.settings.threads)
+        self.loaded = loaded or load_model(
+            self.settings.model, device=self.settings.device, dtype=self.settings.dtype
+        )
+        self.n_layers = self.loaded.n_layers
+        self.layers: tuple[int, ...] = tuple(
+            dict.fromkeys(
+                self._resolve_layer(x) for x in (*self.settings.layers, self.settings.score_layer)
+            )
+        )
+        self.score_layer = self._resolve_layer(self.settings.score_layer)
+        self.token_mean = self.settings.token_mean or self.settings.score_position == "mean"
+        self._base, self._decoder_layers, self._norm = _decoder_parts(self.loaded.model)
+        self._lock = threading.Lock()
+
+    # -- configuration -------------------------------------------------------------------
+    def _resolve_layer(self, layer: int) -> int:
+        n = self.n_layers
+        if not -n <= layer <= n:
+            raise ProbeInputError(
+                f"layer {layer} is out of range for {self.settings.model} ({n} layers): "
+                f"use 0..{n} (0 = embeddings) or -{n}..-1"
+            )
+        return layer if layer >= 0 else n + 1 + layer
+
+    @property
+    def deepest_layer(self) -> int:
+        return max(self.layers)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes the score's numbers; calibrations must match it."""
+        s = self.settings
+        return {
+            "model": s.model,
+            "n_layers": self.n_layers,
+            "hidden_size": self.loaded.hidden_size,
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "layer": self.score_layer,
+            "metric": s.score_metric,
+            "position": s.score_position,
+            "max_tokens": s.max_tokens,
+            "chat_template": s.chat_template,
+            "system_prompt": s.system_prompt,
+            "code_version": PROBE_VERSION,
+        }
+
+    # -- input preparation ---------------------------------------------------------------
+    def render(self, item: ProbeInput, index: int = 0) -> str:
+        """The exact text the model sees for one input (chat template applied when enabled)."""
+        messages = self._messages(item, index)
+        tok = self.loaded.tokenizer
+        if self.settings.chat_template and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return str(text)
+        return "\n".join(m["content"] for m in messages)
+
+    def _messages(self, item: ProbeInput, index: int) -> list[dict[str, str]]:
+        if isinstance(item, str):
+            if not item.strip():
+                raise ProbeInputError(f"input {index} is empty: there is nothing to probe")
+            messages = [{"role": "user", "content": item}]
+        elif isinstance(item, Sequence) and not isinstance(item, bytes | bytearray):
+            messages = [_message(m, index, j) for j, m in enumerate(item)]
+            if not messages or not any(m["content"].strip() for m in messages):
+                raise ProbeInputError(f"input {index} has no message text: nothing to probe")
+        else:
+            raise ProbeInputError(
+                f"input {index} is a {type(item).__name__}: give a string or a list of "
+                "chat messages ({'role': ..., 'content': ...})"
+            )
+        if self.settings.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
+        return messages
+
+    def encode(self, item: ProbeInput, index: int = 0) -> tuple[list[int], bool]:
+        """Token ids of one input, tail-truncated to ``max_tokens``; and whether it was cut."""
+        text = self.render(item, index)
+        templated = self.settings.chat_template and bool(
+            getattr(self.loaded.tokenizer, "chat_template", None)
+        )
+        ids: list[int] = self.loaded.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        if not ids:
+            raise ProbeInputError(f"input {index} tokenizes to nothing: nothing to probe")
+        limit = self.settings.max_tokens
+        return (ids[-limit:], True) if len(ids) > limit else (ids, False)
+
+    # -- measurement ---------------------------------------------------------------------
+    def measure(
+        self,
+        inputs: Iterable[ProbeInput],
+        *,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> list[ProbeResult]:
+        """Probe every input; results come back in input order.
+
+        Inputs are grouped by token length into batches of ``batch_size`` (less padding), so
+        the numbers do not depend on what else is in the batch (up to float rounding).
+        """
+        encoded = []
+        for i, item in enumerate(inputs):
+            ids, truncated = self.encode(item, i)
+            encoded.append(_Encoded(ids, truncated, i))
+        size = batch_size or self.settings.batch_size
+        ordered = sorted(encoded, key=lambda e: len(e.ids))
+        results: list[ProbeResult | None] = [None] * len(encoded)
+        bar = _progress(len(encoded)) if progress else None
+        try:
+            for start in range(0, len(ordered), size):
+                chunk = ordered[start : start + size]
+                for enc, res in zip(chunk, self._measure_batch(chunk), strict=True):
+                    results[enc.order] = res
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        return [r for r in results if r is not None]
+
+    def measure_one(self, item: ProbeInput) -> ProbeResult:
+        return self.measure([item])[0]
+
+    def hidden_states(self, batch: Sequence[list[int]]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Left-padded forward pass; returns ({layer: (B, T, d) float32}, attention mask (B, T))."""
+        dev = self.loaded.device
+        width = max(len(ids) for ids in batch)
+        pad = int(self.loaded.tokenizer.pad_token_id or 0)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids) :] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+
+        captured: dict[int, torch.Tensor] = {}
+        deepest = self.deepest_layer
+        handles = []
+
+        # The model may be shared with a generating backend in another thread: the hooks act
+        # only on this thread's forward pass.
+        owner = threading.get_ident()
+
+        def grab(layer: int, stop: bool) -> Any:
+            def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+                if threading.get_ident() != owner:
+                    return
+                tensor = output[0] if isinstance(output, tuple) else output
+                captured[layer] = tensor.float()
+                if stop:
+                    raise _StopForward
+
+            return hook
+
+        try:
+            for layer in self.layers:
+                stop = layer == deepest and layer < self.n_layers
+                if layer == 0:
+                    module = self._base.get_input_embeddings()
+                elif layer == self.n_layers and self._norm is not None:
+                    module = self._norm
+                else:
+                    module = self._decoder_layers[layer - 1]
+                handles.append(module.register_forward_hook(grab(layer, stop)))
+            with self._lock, torch.inference_mode():
+                try:
+                    self._base(
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        position_ids=position_ids,
+                        use_cache=False,
+                    )
+                except _StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured, mask
+
+    def _measure_batch(self, chunk: Sequence[_Encoded]) -> list[ProbeResult]:
+        states, mask = self.hidden_states([e.ids for e in chunk])
+        names = self.settings.metrics
+        last: dict[int, dict[str, list[float]]] = {}
+        mean: dict[int, dict[str, list[float]]] = {}
+        weights = _mean_weights(mask) if self.token_mean else None
+        for layer, h in states.items():
+            last[layer] = {k: v.tolist() for k, v in compute_all(h[:, -1, :], names).items()}
+            if weights is not None:
+                per_token = compute_all(h, names)
+                mean[layer] = {k: (v * weights).sum(-1).tolist() for k, v in per_token.items()}
+        s = self.settings
+        out = []
+        for row, enc in enumerate(chunk):
+            row_last = {layer: {k: vals[row] for k, vals in m.items()} for layer, m in last.items()}
+            row_mean = (
+                {layer: {k: vals[row] for k, vals in m.items()} for layer, m in mean.items()}
+                if weights is not None
+                else None
+            )
+            table = row_last if s.score_position == "last" else row_mean
+            assert table is not None
+            raw = table[self.score_layer][s.score_metric]
+            out.append(
+                ProbeResult(
+                    n_tokens=len(enc.ids),
+                    score=sparsity(s.score_metric, raw),
+                    metrics=row_last,
+                    metrics_mean=row_mean,
+                    truncated=enc.truncated,
+                )
+            )
+        return out
+
+
+def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) weights averaging over real tokens, leaving out each row's first (sink) token."""
+    m = mask.float()
+    first = torch.zeros_like(m)
+    first.scatter_(1, (mask == 0).sum(-1, keepdim=True).clamp_max(mask.shape[1] - 1), 1.0)
+    keep = m - first
+    single = keep.sum(-1, keepdim=True) == 0  # one-token prompts: use that token
+    keep = torch.where(single, m, keep)
+    return keep / keep.sum(-1, keepdim=True)
+
+
+def _message(m: Any, index: int, j: int) -> dict[str, str]:
+    if not isinstance(m, Mapping):
+        raise ProbeInputError(f"input {index}, message {j}: expected an object with role/content")
+    role = m.get("role")
+    if not isinstance(role, str) or not role:
+        raise ProbeInputError(f"input {index}, message {j}: 'role' must be a non-empty string")
+    content = m.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):  # OpenAI content parts: keep the text ones
+        content = "\n".join(
+            str(p.get("text", "")) for p in content if isinstance(p, Mapping) and "text" in p
+        )
+    elif not isinstance(content, str):
+        raise ProbeInputError(
+            f"input {index}, message {j}: 'content' must be a string or a list of parts"
+        )
+    return {"role": role, "content": content}
+
+
+def _progress(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="prompt", disable=None, desc="probing")
