@@ -1,0 +1,372 @@
+"""The policy engine: a probe result and a request's context in, a routing :class:`Decision` out.
+
+``PolicyEngine(settings)`` compiles every policy once (share -> percentile thresholds,
+fallback chains); :meth:`PolicyEngine.decide` is then pure and never raises for any probe
+result or context (only for an unknown policy name, a programming error).
+
+How a policy decides:
+
+1. Rules are tried in order; the first whose conditions all hold wins (:class:`Decision.rule`
+   is its name). Conditions on the request (model, user, header, metadata, always) are checked
+   first; a rule that also needs the probe (percentile, share, score, metric, n_tokens) and
+   whose request conditions hold, when there is no probe result (the probe failed, timed out
+   or was not run), sends the request to the policy's ``on_probe_error`` backend
+   (rule ``"on_probe_error"``). So request-only rules placed first still apply when the probe
+   fails.
+2. A condition that cannot be evaluated (no percentile because no calibration was loaded, a
+   metric the result lacks, NaN) does not match.
+3. No rule matched: the policy's ``default`` (rule ``"default"``).
+
+``share: s`` rules match ``percentile >= threshold_for_share(cumulative share)``, by default
+``1 - cumulative share``: shares 0.02 then 0.28 give thresholds 0.98 and 0.70.
+
+The fallback chain of a decision is the rule's ``fallback`` (else its backend's), each entry
+followed depth-first by its own backend's fallbacks, without the chosen backend and without
+repeats: ``large -> [medium, small]`` with ``medium -> [small, tiny]`` gives
+``(medium, small, tiny)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from policies.errors import PolicyError
+from policies.schema import Condition, Settings
+from probes.probe import ProbeResult
+
+__all__ = ["DEFAULT_RULE", "ON_PROBE_ERROR_RULE", "Decision", "PolicyEngine", "RequestContext"]
+
+#: ``Decision.rule`` when no rule matched / when the probe result a rule needed was missing.
+DEFAULT_RULE = "default"
+ON_PROBE_ERROR_RULE = "on_probe_error"
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What the gateway knows about a request besides its probe result.
+
+    ``headers`` names are lower-cased on construction (any mapping is accepted, e.g.
+    starlette's ``Headers``); ``metadata`` is the request body's ``metadata`` object.
+    """
+
+    model: str | None = None
+    user: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def __post_init__(self) -> None:
+        headers = MappingProxyType({str(k).lower(): v for k, v in self.headers.items()})
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes and why.
+
+    ``fallbacks``: backends to try, in order, when ``backend`` fails. ``rule``: the matching
+    rule's name, ``"default"`` or ``"on_probe_error"``. ``probe_error``: the policy needed a
+    probe result and had none (the probe failed, timed out or was not run).
+    """
+
+    backend: str
+    fallbacks: tuple[str, ...]
+    rule: str
+    policy: str
+    reason: str
+    probe_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    name: str
+    route: str
+    fallbacks: tuple[str, ...]
+    when: Condition
+    needs_probe: bool
+    threshold: float | None  # share rules: the percentile threshold
+    share: float | None  # share rules: the cumulative share
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    name: str
+    rules: tuple[_Rule, ...]
+    default: str
+    default_fallbacks: tuple[str, ...]
+    on_probe_error: str
+    on_probe_error_fallbacks: tuple[str, ...]
+    needs_probe: bool
+
+
+def _one_minus(share: float) -> float:
+    return 1.0 - share
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+class PolicyEngine:
+    """Decides, per request, which backend serves it (see the module docstring).
+
+    ``n_layers``: the probe model's layer count, to resolve negative layers of ``metric``
+    conditions (``-1`` = the last) against the non-negative keys of ``ProbeResult.metrics``;
+    without it, negative layers never match. ``threshold_for_share``: maps a cumulative share
+    to a percentile threshold (default ``1 - share``; pass a calibration's
+    ``threshold_for_share`` to use its definition).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        n_layers: int | None = None,
+        threshold_for_share: Callable[[float], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.n_layers = n_layers
+        self._threshold = threshold_for_share or _one_minus
+        self._backend_fallbacks = {
+            name: tuple(backend.fallback) for name, backend in settings.backends.items()
+        }
+        self._policies = {name: self._compile(name) for name in settings.policies}
+        self._direct = settings.direct_models()
+
+    # -- compilation -------------------------------------------------------------------------
+
+    def _compile(self, name: str) -> _Policy:
+        policy = self.settings.policies[name]
+        cumulative = policy.share_thresholds()
+        rules = []
+        for i, rule in enumerate(policy.rules):
+            rule_name = rule.name or f"rules[{i}]"
+            share = cumulative.get(rule_name) if rule.when.share is not None else None
+            threshold = None if share is None else self._share_threshold(name, rule_name, share)
+            rules.append(
+                _Rule(
+                    name=rule_name,
+                    route=rule.route,
+                    fallbacks=self.fallback_chain(rule.route, rule.fallback),
+                    when=rule.when,
+                    needs_probe=rule.when.needs_probe,
+                    threshold=threshold,
+                    share=share,
+                )
+            )
+        default = policy.default
+        return _Policy(
+            name=name,
+            rules=tuple(rules),
+            default=default.route,
+            default_fallbacks=self.fallback_chain(default.route, default.fallback),
+            on_probe_error=policy.on_probe_error,
+            on_probe_error_fallbacks=self.fallback_chain(policy.on_probe_error),
+            needs_probe=any(r.needs_probe for r in rules),
+        )
+
+    def _share_threshold(self, policy: str, rule: str, share: float) -> float:
+        try:
+            value = float(self._threshold(share))
+        except Exception as exc:
+            raise PolicyError(
+                f"policies.{policy}: threshold_for_share({share:g}) for rule {rule!r} failed: {exc}"
+            ) from exc
+        if not 0.0 <= value <= 1.0:
+            raise PolicyError(
+                f"policies.{policy}: threshold_for_share({share:g}) for rule {rule!r} gave "
+                f"{value!r}; a percentile threshold must lie in [0, 1]"
+            )
+        # 1 - (0.02 + 0.28) is 0.6999999999999999: round off float noise, keep real digits.
+        return round(value, 12)
+
+    def fallback_chain(
+        self, backend: str, override: tuple[str, ...] | None = None
+    ) -> tuple[str, ...]:
+        """Backends to try after ``backend`` fails: ``override`` (else ``backend``'s own
+        fallbacks), each followed depth-first by its fallbacks; no repeats, never ``backend``
+        (whose fallbacks are still followed when the chain passes through it)."""
+        out: list[str] = []
+        seen: set[str] = set()
+
+        def walk(names: tuple[str, ...]) -> None:
+            for name in names:
+                if name in seen or name not in self._backend_fallbacks:
+                    continue
+                seen.add(name)
+                if name != backend:  # reached again through others: walk on, do not list it
+                    out.append(name)
+                walk(self._backend_fallbacks[name])
+
+        walk(self._backend_fallbacks.get(backend, ()) if override is None else override)
+        return tuple(out)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    @property
+    def policy_names(self) -> tuple[str, ...]:
+        return tuple(self._policies)
+
+    def policy_for_model(self, model_name: str) -> str | None:
+        """The policy routing a virtual model (``auto``), or None when it is not one."""
+        virtual = self.settings.virtual_models.get(model_name)
+        return None if virtual is None else virtual.policy
+
+    def direct_backend(self, model_name: str) -> str | None:
+        """The backend serving ``model_name`` by direct pass-through (a name it lists under
+        ``models``), or None (also when ``server.passthrough_direct_models`` is off)."""
+        return self._direct.get(model_name)
+
+    def needs_probe(self, policy_name: str) -> bool:
+        """Whether any rule of the policy looks at the probe (percentile, share, score, metric,
+        n_tokens); when not, the gateway can skip probing."""
+        return self._policy(policy_name).needs_probe
+
+    def thresholds(self, policy_name: str) -> dict[str, float]:
+        """Rule name -> percentile threshold, for the policy's ``share`` rules."""
+        return {
+            r.name: r.threshold for r in self._policy(policy_name).rules if r.threshold is not None
+        }
+
+    def _policy(self, name: str) -> _Policy:
+        try:
+            return self._policies[name]
+        except KeyError:
+            known = ", ".join(sorted(self._policies))
+            raise PolicyError(f"unknown policy {name!r}; known: {known}") from None
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def decide(
+        self,
+        policy_name: str,
+        result: ProbeResult | None,
+        context: RequestContext,
+        *,
+        probe_failed: bool = False,
+    ) -> Decision:
+        """Route one request. Pure; raises only :class:`PolicyError` for an unknown policy."""
+        policy = self._policy(policy_name)
+        probe = None if probe_failed else result
+        missing = probe is None and policy.needs_probe
+        for rule in policy.rules:
+            why = _context_reasons(rule.when, context)
+            if why is None:
+                continue
+            if rule.needs_probe:
+                if probe is None:
+                    cause = "the probe failed" if probe_failed else "there is no probe result"
+                    return Decision(
+                        backend=policy.on_probe_error,
+                        fallbacks=policy.on_probe_error_fallbacks,
+                        rule=ON_PROBE_ERROR_RULE,
+                        policy=policy.name,
+                        reason=f"{cause} and rule {rule.name} needs it",
+                        probe_error=True,
+                    )
+                probe_why = self._probe_reasons(rule, probe)
+                if probe_why is None:
+                    continue
+                why += probe_why
+            return Decision(
+                backend=rule.route,
+                fallbacks=rule.fallbacks,
+                rule=rule.name,
+                policy=policy.name,
+                reason=f"rule {rule.name}: " + "; ".join(why),
+                probe_error=missing,
+            )
+        return Decision(
+            backend=policy.default,
+            fallbacks=policy.default_fallbacks,
+            rule=DEFAULT_RULE,
+            policy=policy.name,
+            reason="no rule matched",
+            probe_error=missing,
+        )
+
+    def _probe_reasons(self, rule: _Rule, result: ProbeResult) -> list[str] | None:
+        try:
+            return self._probe_reasons_unchecked(rule, result)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError):
+            return None  # a malformed result matches nothing
+
+    def _probe_reasons_unchecked(self, rule: _Rule, result: ProbeResult) -> list[str] | None:
+        when = rule.when
+        why: list[str] = []
+        if rule.threshold is not None:
+            p = _number(result.percentile)
+            if p is None or not p >= rule.threshold:
+                return None
+            why.append(
+                f"percentile {_fmt(p)} >= {_fmt(rule.threshold)} "
+                f"(share {_fmt(when.share or 0.0)}, cumulative {_fmt(rule.share or 0.0)})"
+            )
+        if when.percentile is not None:
+            p = _number(result.percentile)
+            if p is None or not when.percentile.contains(p):
+                return None
+            why.append(f"percentile {_fmt(p)} in {when.percentile.describe()}")
+        if when.score is not None:
+            s = _number(result.score)
+            if s is None or not when.score.contains(s):
+                return None
+            why.append(f"score {_fmt(s)} in {when.score.describe()}")
+        if when.n_tokens is not None:
+            n = result.n_tokens
+            if not isinstance(n, int) or not when.n_tokens.contains(n):
+                return None
+            why.append(f"n_tokens {n} in {when.n_tokens.describe()}")
+        metric = when.metric
+        if metric is not None:
+            layer = metric.layer
+            if layer < 0 and self.n_layers is not None:
+                layer = self.n_layers + 1 + layer
+            table = result.metrics if metric.position == "last" else result.metrics_mean
+            if table is None or layer not in table:
+                return None
+            value = _number(table[layer].get(metric.name))
+            if value is None or not metric.contains(value):
+                return None
+            why.append(
+                f"{metric.name}@L{layer}/{metric.position} {_fmt(value)} in {metric.describe()}"
+            )
+        return why
+
+
+def _number(value: object) -> float | None:
+    """A real number, or None (None, NaN, non-numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    x = float(value)
+    return None if math.isnan(x) else x
+
+
+def _context_reasons(when: Condition, context: RequestContext) -> list[str] | None:
+    """Reasons the request-side conditions hold, or None when one does not."""
+    why: list[str] = []
+    if when.always:
+        why.append("always")
+    if when.model is not None:
+        if context.model is None or context.model not in when.model:
+            return None
+        why.append(f"model {context.model!r}")
+    if when.user is not None:
+        if context.user is None or context.user not in when.user:
+            return None
+        why.append(f"user {context.user!r}")
+    for source, wanted in (("header", when.header), ("metadata", when.metadata)):
+        if wanted is None:
+            continue
+        have = context.headers if source == "header" else context.metadata
+        for key, values in wanted.items():
+            value = have.get(key)
+            if value is None or str(value) not in values:
+                return None
+            why.append(f"{source} {key}={str(value)!r}")
+    return why

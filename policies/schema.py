@@ -1,0 +1,890 @@
+"""The whole configuration file as pydantic v2 models; :class:`Settings` is the root.
+
+Sections (every model forbids unknown keys)::
+
+    server:          host, port, max_body_bytes, passthrough_direct_models, request_timeout_s
+    auth:            api_keys (empty strings dropped; no keys = no auth)
+    probe:           ProbeSettings (probes.probe) + timeout_s, the gateway's deadline for one probe
+    calibration:     path to a calibration JSON (relative to the config file's folder)
+    cache:           memory {max_entries, ttl_s}, redis {url, ttl_s, timeout_s, key_prefix} | null
+    backends:        name -> openai | local | human            (discriminated on `type`)
+    virtual_models:  model name -> {policy}                    (default: auto -> default)
+    policies:        name -> {rules, default, on_probe_error}
+    experiments, escalation, events:  format fixed, content rejected until they are implemented
+
+A rule is ``{name, when: Condition, route: backend, fallback: [backends]}``; the conditions of a
+``when`` are ANDed. ``share: s`` hands the rule the sparsest ``s`` of reference traffic,
+cumulatively with the share rules before it in the same policy: rules with shares 0.02 then
+0.28 match percentiles >= 0.98 and >= 0.70 (the threshold is ``1 - cumulative share``).
+
+Cross-checks (unknown backends and policies, fallback cycles, shares adding up to more than 1,
+percentile rules without a calibration, ...) raise :class:`SchemaProblems`, a ``ValueError``
+that carries the location of every problem relative to the model that raised it, so that
+:mod:`policies.loader` can point at the offending line of the YAML file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from probes.probe import ProbeSettings
+
+__all__ = [
+    "Action",
+    "AuthSettings",
+    "Backend",
+    "Band",
+    "CacheSettings",
+    "CalibrationSettings",
+    "Condition",
+    "EscalationSettings",
+    "EventsSettings",
+    "Experiment",
+    "ExperimentArm",
+    "HumanBackend",
+    "IntBand",
+    "Loc",
+    "LocalBackend",
+    "MemoryCacheSettings",
+    "MetricCondition",
+    "OpenAIBackend",
+    "PercentileBand",
+    "Policy",
+    "ProbeSection",
+    "RedisCacheSettings",
+    "Rule",
+    "SchemaProblems",
+    "ServerSettings",
+    "Settings",
+    "Timeouts",
+    "VirtualModel",
+    "format_loc",
+]
+
+Loc = tuple[str | int, ...]
+
+#: Cumulative shares may exceed 1 by this much (float rounding of e.g. 0.1 + 0.2 + 0.7).
+_SHARE_SLACK = 1e-9
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def format_loc(loc: Loc) -> str:
+    """``("policies", "default", "rules", 2, "route")`` -> ``policies.default.rules[2].route``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+class SchemaProblems(ValueError):
+    """Cross-check failures, each with its location relative to the model that raised it."""
+
+    def __init__(self, problems: list[tuple[Loc, str]]):
+        self.problems: tuple[tuple[Loc, str], ...] = tuple(problems)
+        super().__init__(
+            "\n".join(f"{format_loc(loc)}: {msg}" if loc else msg for loc, msg in self.problems)
+        )
+
+
+def _names(names: Any) -> str:
+    return ", ".join(sorted(str(n) for n in names)) or "(none)"
+
+
+def _as_tuple(value: Any) -> Any:
+    """Let a single string stand for a one-element list."""
+    return (value,) if isinstance(value, str) else value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- server, auth, probe, calibration, cache ---------------------------------------------------
+
+
+class ServerSettings(_Model):
+    """The HTTP side of the gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0 = any free port")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get a 413")
+    passthrough_direct_models: bool = Field(
+        True,
+        description="a request naming a model that a backend lists under `models` goes straight "
+        "to that backend, without probe or policy",
+    )
+    request_timeout_s: float = Field(600.0, gt=0, description="whole-request deadline")
+
+
+class AuthSettings(_Model):
+    """API keys clients must send as ``Authorization: Bearer KEY``.
+
+    Empty strings are dropped, so ``["${ROUTER_API_KEY:-}"]`` means "the key in
+    ``$ROUTER_API_KEY``, or no authentication when it is unset or empty".
+    """
+
+    api_keys: tuple[str, ...] = Field((), repr=False)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _drop_empty(cls, v: Any) -> Any:
+        v = _as_tuple(v)
+        if isinstance(v, list | tuple):
+            return tuple(k.strip() if isinstance(k, str) else k for k in v if k != "")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(k for k in v if k)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys)
+
+
+class ProbeSection(ProbeSettings):
+    """The ``probe:`` section: :class:`probes.probe.ProbeSettings` plus the gateway's deadline.
+
+    ``timeout_s`` bounds one probe measurement as seen by the gateway (queueing in the
+    micro-batcher included); past it the request goes to the policy's ``on_probe_error``.
+    """
+
+    timeout_s: float = Field(2.0, gt=0, description="gateway-side deadline for one probe")
+
+    def probe_settings(self) -> ProbeSettings:
+        """The plain :class:`ProbeSettings` (what ``SparsityProbe`` and calibrations compare)."""
+        return ProbeSettings(**self.model_dump(exclude={"timeout_s"}))
+
+
+class CalibrationSettings(_Model):
+    """Where the calibration (raw score -> percentile) lives.
+
+    A relative ``path`` is resolved against the folder of the config file
+    (:meth:`Settings.calibration_path`). Without a calibration, results carry no percentile and
+    rules using ``percentile`` or ``share`` are rejected.
+    """
+
+    path: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        return v
+
+
+class MemoryCacheSettings(_Model):
+    max_entries: int = Field(10_000, ge=0, description="0 disables the memory cache")
+    ttl_s: float = Field(3600.0, gt=0)
+
+
+class RedisCacheSettings(_Model):
+    url: str = Field(description="redis://host:port/db (rediss:// for TLS)")
+    ttl_s: float = Field(86_400.0, gt=0)
+    timeout_s: float = Field(0.05, gt=0, description="per call; a slow Redis is a cache miss")
+    key_prefix: str = "sparsity-router:"
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {v!r}")
+        return v
+
+
+class CacheSettings(_Model):
+    """Probe results are cached by the probed text: memory first, then Redis when configured."""
+
+    memory: MemoryCacheSettings = MemoryCacheSettings()
+    redis: RedisCacheSettings | None = None
+
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+class Timeouts(_Model):
+    connect_s: float = Field(5.0, gt=0)
+    read_s: float = Field(60.0, gt=0, description="longest gap between two chunks")
+    total_s: float = Field(600.0, gt=0, description="whole upstream request")
+
+
+class OpenAIBackend(_Model):
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp, OpenAI itself) behind one or more URLs.
+
+    Each ``base_urls`` entry may hold several URLs separated by commas or spaces, so that one
+    environment variable can list replicas: ``["${LARGE_URLS}"]``.
+    """
+
+    type: Literal["openai"]
+    base_urls: tuple[str, ...] = Field(min_length=1, description="…/v1 URLs; replicas")
+    model: str | None = Field(None, description="rewrite the request's model to this name")
+    api_key_env: str | None = Field(None, description="env var holding the upstream API key")
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(100, ge=1)
+    fallback: tuple[str, ...] = ()
+    models: tuple[str, ...] = Field((), description="model names served by direct pass-through")
+
+    @field_validator("base_urls", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        v = _as_tuple(v)
+        if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+            return tuple(u for x in v for u in re.split(r"[\s,]+", x) if u)
+        return v
+
+    @field_validator("base_urls")
+    @classmethod
+    def _http_urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return tuple(u.rstrip("/") for u in v)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError(
+                f"expected the NAME of an environment variable (like LARGE_API_KEY), got {v!r}"
+            )
+        return v
+
+    @field_validator("fallback", "models", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _as_tuple(v)
+
+
+class LocalBackend(_Model):
+    """A model run in-process by the gateway (the embedded default's small model)."""
+
+    type: Literal["local"]
+    model: str | None = Field(
+        None, description="hub id, path or bundled:NAME; None: the probe's model"
+    )
+    max_new_tokens: int = Field(256, ge=1)
+    share_probe_model: bool = Field(
+        True, description="reuse the probe's loaded weights when the model is the probe's"
+    )
+    fallback: tuple[str, ...] = ()
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _as_tuple(v)
+
+
+class HumanBackend(_Model):
+    """Escalation to a human reviewer. The format is fixed; validation rejects it for now."""
+
+    type: Literal["human"]
+
+    @property
+    def fallback(self) -> tuple[str, ...]:
+        return ()
+
+
+Backend = Annotated[OpenAIBackend | LocalBackend | HumanBackend, Field(discriminator="type")]
+
+
+# -- conditions, rules, policies ---------------------------------------------------------------
+
+
+class Band(_Model):
+    """A half-open interval ``[min, max)``; either end may be left open."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Band:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        for end in (self.min, self.max):
+            if end is not None and math.isnan(end):
+                raise ValueError("min and max must be numbers, not NaN")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ValueError(f"min ({self.min:g}) must be less than max ({self.max:g})")
+        return self
+
+    def contains(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value < self.max)
+
+    def describe(self) -> str:
+        lo = "-inf" if self.min is None else f"{self.min:g}"
+        hi = "inf" if self.max is None else f"{self.max:g}"
+        return f"[{lo}, {hi})"
+
+
+class PercentileBand(Band):
+    """A percentile band in [0, 1]. ``max: 1`` includes 1 (no percentile lies above it)."""
+
+    min: float | None = Field(None, ge=0, le=1)
+    max: float | None = Field(None, ge=0, le=1)
+
+    def contains(self, value: float) -> bool:
+        if self.max is not None and self.max >= 1 and value >= 1:
+            return self.min is None or value >= self.min
+        return Band.contains(self, value)
+
+
+class IntBand(_Model):
+    """An integer interval ``[min, max)`` (token counts)."""
+
+    min: int | None = Field(None, ge=0)
+    max: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntBand:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ValueError(f"min ({self.min}) must be less than max ({self.max})")
+        return self
+
+    def contains(self, value: int) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value < self.max)
+
+    def describe(self) -> str:
+        hi = "inf" if self.max is None else str(self.max)
+        return f"[{self.min or 0}, {hi})"
+
+
+class MetricCondition(Band):
+    """A raw metric value (as in ``ProbeResult.metrics``, not oriented) within ``[min, max)``.
+
+    ``layer`` uses the probe's numbering (0 = embeddings; negative counts from the end and is
+    resolved by the engine when it knows the probe's layer count). ``position: mean`` needs
+    the probe's ``token_mean``.
+    """
+
+    layer: int
+    name: str
+    position: Literal["last", "mean"] = "last"
+
+
+class Condition(_Model):
+    """What a request must satisfy for a rule to apply; all given fields must hold (AND)."""
+
+    always: bool | None = Field(None, description="true: matches every request")
+    percentile: PercentileBand | None = None
+    share: float | None = Field(None, gt=0, le=1)
+    score: Band | None = None
+    metric: MetricCondition | None = None
+    n_tokens: IntBand | None = None
+    model: tuple[str, ...] | None = Field(None, description="requested model name(s)")
+    user: tuple[str, ...] | None = Field(None, description="the request's `user` field")
+    header: dict[str, tuple[str, ...]] | None = Field(
+        None, description="header name (any case) -> accepted value(s)"
+    )
+    metadata: dict[str, tuple[str, ...]] | None = Field(
+        None, description="request metadata key -> accepted value(s)"
+    )
+
+    @field_validator("model", "user", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _as_tuple(v)
+
+    @field_validator("header", "metadata", mode="before")
+    @classmethod
+    def _values(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: _as_tuple(x) for k, x in v.items()}
+        return v
+
+    @field_validator("header")
+    @classmethod
+    def _lower(cls, v: dict[str, tuple[str, ...]] | None) -> dict[str, tuple[str, ...]] | None:
+        return None if v is None else {k.lower(): x for k, x in v.items()}
+
+    @model_validator(mode="after")
+    def _meaningful(self) -> Condition:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if not given:
+            raise ValueError(
+                "empty condition: give at least one of "
+                f"{', '.join(type(self).model_fields)} (write `always: true` for a rule that "
+                "matches every request)"
+            )
+        if self.always is False:
+            raise ValueError("`always: false` never matches; remove the rule instead")
+        if self.always and len(given) > 1:
+            others = ", ".join(g for g in given if g != "always")
+            raise ValueError(f"`always: true` cannot be combined with {others}")
+        if self.share is not None and self.percentile is not None:
+            raise ValueError("use either share or percentile in one condition, not both")
+        for name in ("model", "user"):
+            if getattr(self, name) == ():
+                raise ValueError(f"{name}: give at least one value")
+        return self
+
+    @property
+    def needs_probe(self) -> bool:
+        """Whether evaluating this condition needs a probe result."""
+        return any(
+            x is not None
+            for x in (self.percentile, self.share, self.score, self.metric, self.n_tokens)
+        )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.percentile is not None or self.share is not None
+
+
+class Action(_Model):
+    """Where to send a request: a backend and, optionally, a fallback list overriding its own.
+
+    In YAML a bare backend name stands for ``{route: NAME}``.
+    """
+
+    route: str
+    fallback: tuple[str, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, v: Any) -> Any:
+        return {"route": v} if isinstance(v, str) else v
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _as_tuple(v)
+
+
+class Rule(_Model):
+    """``when`` the condition holds, ``route`` to a backend (first matching rule wins)."""
+
+    name: str | None = Field(None, description="default: rules[i]")
+    when: Condition
+    route: str
+    fallback: tuple[str, ...] | None = Field(None, description="overrides the backend's fallback")
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _as_tuple(v)
+
+
+class Policy(_Model):
+    """Ordered rules, the action when none matches, and the backend used when the probe fails."""
+
+    rules: tuple[Rule, ...] = ()
+    default: Action
+    on_probe_error: str = Field(description="backend for requests whose probe failed")
+
+    @field_validator("rules")
+    @classmethod
+    def _named(cls, v: tuple[Rule, ...]) -> tuple[Rule, ...]:
+        return tuple(
+            r if r.name is not None else r.model_copy(update={"name": f"rules[{i}]"})
+            for i, r in enumerate(v)
+        )
+
+    @model_validator(mode="after")
+    def _rules_consistent(self) -> Policy:
+        problems: list[tuple[Loc, str]] = []
+        seen: dict[str, int] = {}
+        cumulative = 0.0
+        shares: list[float] = []
+        unconditional: int | None = None
+        for i, rule in enumerate(self.rules):
+            assert rule.name is not None
+            if rule.name in seen:
+                problems.append(
+                    (
+                        ("rules", i, "name"),
+                        f"duplicate rule name {rule.name!r} (see rules[{seen[rule.name]}])",
+                    )
+                )
+            seen.setdefault(rule.name, i)
+            if unconditional is not None:
+                problems.append(
+                    (
+                        ("rules", i),
+                        f"this rule can never match: rules[{unconditional}] "
+                        "(`always: true`) before it matches every request",
+                    )
+                )
+            if rule.when.always:
+                unconditional = i if unconditional is None else unconditional
+            share = rule.when.share
+            if share is not None:
+                shares.append(share)
+                cumulative = math.fsum(shares)
+                if cumulative > 1 + _SHARE_SLACK:
+                    terms = " + ".join(f"{s:g}" for s in shares)
+                    problems.append(
+                        (
+                            ("rules", i, "when", "share"),
+                            f"the shares of this policy's rules add up to {cumulative:g} "
+                            f"({terms}); they must add up to at most 1",
+                        )
+                    )
+        if problems:
+            raise SchemaProblems(problems)
+        return self
+
+    def share_thresholds(self) -> dict[str, float]:
+        """Rule name -> cumulative share (the sparsest traffic taken so far) for share rules."""
+        out: dict[str, float] = {}
+        shares: list[float] = []
+        for rule in self.rules:
+            if rule.when.share is not None:
+                shares.append(rule.when.share)
+                assert rule.name is not None
+                out[rule.name] = min(1.0, math.fsum(shares))
+        return out
+
+
+class VirtualModel(_Model):
+    """A model name clients may request (``auto``) that is routed by a policy."""
+
+    policy: str
+
+
+# -- not available yet: the format is fixed, content is rejected --------------------------------
+
+
+class ExperimentArm(_Model):
+    name: str
+    policy: str
+    weight: float = Field(gt=0, le=1)
+
+
+class Experiment(_Model):
+    """An A/B test: requests for ``model`` are split between arms by a sticky hash of ``key``."""
+
+    name: str
+    model: str = "auto"
+    key: str = Field("user", description="user | api_key | header:<name>")
+    arms: tuple[ExperimentArm, ...] = Field(min_length=2)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if v not in ("user", "api_key") and not (v.startswith("header:") and len(v) > 7):
+            raise ValueError(f"expected user, api_key or header:<name>, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> Experiment:
+        total = math.fsum(a.weight for a in self.arms)
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"arm weights add up to {total:g}; they must add up to 1")
+        return self
+
+
+class EscalationSettings(_Model):
+    """Human escalation: a queue of requests waiting for a reviewer's answer."""
+
+    store: Literal["sqlite", "redis"] = "sqlite"
+    path: str = "escalations.sqlite"
+    redis_url: str | None = None
+    timeout_s: float = Field(3600.0, gt=0)
+    on_timeout: str | None = Field(None, description="backend answering when nobody does")
+
+
+class EventsSettings(_Model):
+    """One record per request (decision, score, latency, tokens, status) written to a sink."""
+
+    sink: Literal["sqlite", "redis", "none"] = "sqlite"
+    path: str = "events.sqlite"
+    redis_url: str | None = None
+    stream: str = "sparsity-router:events"
+    max_len: int = Field(100_000, ge=1)
+
+
+# -- the root ----------------------------------------------------------------------------------
+
+
+def _default_virtual_models() -> dict[str, VirtualModel]:
+    return {"auto": VirtualModel(policy="default")}
+
+
+class Settings(_Model):
+    """The whole configuration file.
+
+    Build it with :func:`policies.loader.load_settings` (YAML, env interpolation, line-numbered
+    errors) or ``Settings.model_validate(data, context={"base_dir": folder})``.
+    """
+
+    server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
+    probe: ProbeSection = ProbeSection()
+    calibration: CalibrationSettings = CalibrationSettings()
+    cache: CacheSettings = CacheSettings()
+    backends: dict[str, Backend] = Field(min_length=1)
+    virtual_models: dict[str, VirtualModel] = Field(default_factory=_default_virtual_models)
+    policies: dict[str, Policy] = Field(min_length=1)
+    experiments: tuple[Experiment, ...] = ()
+    escalation: EscalationSettings | None = None
+    events: EventsSettings | None = None
+
+    _base_dir: Path | None = PrivateAttr(None)
+
+    @field_validator("experiments")
+    @classmethod
+    def _no_experiments(cls, v: tuple[Experiment, ...]) -> tuple[Experiment, ...]:
+        if v:
+            raise ValueError("A/B experiments are not available yet; remove this section")
+        return v
+
+    @field_validator("escalation")
+    @classmethod
+    def _no_escalation(cls, v: EscalationSettings | None) -> EscalationSettings | None:
+        if v is not None and v.model_fields_set:
+            raise ValueError("human escalation is not available yet; remove this section")
+        return None
+
+    @field_validator("events")
+    @classmethod
+    def _no_events(cls, v: EventsSettings | None) -> EventsSettings | None:
+        if v is not None and v.model_fields_set:
+            raise ValueError("event records are not available yet; remove this section")
+        return None
+
+    @model_validator(mode="after")
+    def _cross_check(self, info: ValidationInfo) -> Settings:
+        if info.context and info.context.get("base_dir") is not None:
+            self._base_dir = Path(info.context["base_dir"])
+        problems = [*self._check_backends(), *self._check_policies(), *self._check_models()]
+        if problems:
+            raise SchemaProblems(problems)
+        return self
+
+    # -- cross-checks (each yields (loc, message) with loc from the root) -------------------
+
+    def _unknown_backend(self, name: str) -> str:
+        return f"unknown backend {name!r}; known: {_names(self.backends)}"
+
+    def _check_backends(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        for name, backend in self.backends.items():
+            if not _NAME.match(name):
+                problems.append(
+                    (
+                        ("backends", name),
+                        f"bad backend name {name!r}: use letters, digits, '_', '.' and '-'",
+                    )
+                )
+            if isinstance(backend, HumanBackend):
+                others = [repr(n) for n, b in self.backends.items() if b.type != "human"]
+                instead = (
+                    f"route to {' or '.join(others)} instead"
+                    if others
+                    else "add an openai or local backend instead"
+                )
+                problems.append(
+                    (
+                        ("backends", name),
+                        "type 'human' needs human escalation, which is not available yet; "
+                        + instead,
+                    )
+                )
+                continue
+            for i, target in enumerate(backend.fallback):
+                if target not in self.backends:
+                    loc: Loc = ("backends", name, "fallback", i)
+                    problems.append((loc, self._unknown_backend(target)))
+        problems.extend(self._fallback_cycles())
+        return problems
+
+    def _fallback_cycles(self) -> list[tuple[Loc, str]]:
+        """Every cycle of the backends' fallback graph, reported once, at its first backend."""
+        problems: list[tuple[Loc, str]] = []
+        order = {name: i for i, name in enumerate(self.backends)}
+        seen_cycles: set[tuple[str, ...]] = set()
+        done: set[str] = set()
+
+        def visit(node: str, stack: list[str]) -> None:
+            if node in stack:
+                cycle = stack[stack.index(node) :]
+                start = min(range(len(cycle)), key=lambda k: order[cycle[k]])
+                cycle = cycle[start:] + cycle[:start]
+                key = tuple(cycle)
+                if key not in seen_cycles:
+                    seen_cycles.add(key)
+                    head, nxt = cycle[0], cycle[1 % len(cycle)]
+                    index = self.backends[head].fallback.index(nxt)
+                    shown = " → ".join([*cycle, cycle[0]])
+                    problems.append(
+                        (("backends", head, "fallback", index), f"fallback cycle {shown}")
+                    )
+                return
+            if node in done or node not in self.backends:
+                return
+            stack.append(node)
+            for nxt in self.backends[node].fallback:
+                visit(nxt, stack)
+            stack.pop()
+            done.add(node)
+
+        for name in self.backends:
+            visit(name, [])
+        return problems
+
+    def _check_action(
+        self, loc: Loc, route: str, fallback: tuple[str, ...] | None
+    ) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        if route not in self.backends:
+            problems.append(((*loc, "route"), self._unknown_backend(route)))
+        for i, target in enumerate(fallback or ()):
+            if target not in self.backends:
+                problems.append(((*loc, "fallback", i), self._unknown_backend(target)))
+            elif target == route:
+                problems.append(
+                    (
+                        (*loc, "fallback", i),
+                        f"fallback cycle {route} → {route}: a backend cannot be its own fallback",
+                    )
+                )
+        return problems
+
+    def _check_policies(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        measured = set(self.probe.metrics)
+        token_mean = self.probe.token_mean or self.probe.score_position == "mean"
+        for pname, policy in self.policies.items():
+            base: Loc = ("policies", pname)
+            if not _NAME.match(pname):
+                problems.append(
+                    (base, f"bad policy name {pname!r}: use letters, digits, '_', '.' and '-'")
+                )
+            for i, rule in enumerate(policy.rules):
+                loc: Loc = (*base, "rules", i)
+                problems.extend(self._check_action(loc, rule.route, rule.fallback))
+                when = rule.when
+                for field in ("percentile", "share"):
+                    if getattr(when, field) is not None and self.calibration.path is None:
+                        problems.append(
+                            (
+                                (*loc, "when", field),
+                                f"{field} conditions need a calibration: set calibration.path "
+                                "(or use score, which needs none)",
+                            )
+                        )
+                metric = when.metric
+                if metric is not None:
+                    if metric.name not in measured:
+                        problems.append(
+                            (
+                                (*loc, "when", "metric", "name"),
+                                f"metric {metric.name!r} is not measured by the probe; "
+                                f"probe.metrics: {', '.join(self.probe.metrics)}",
+                            )
+                        )
+                    if metric.position == "mean" and not token_mean:
+                        problems.append(
+                            (
+                                (*loc, "when", "metric", "position"),
+                                "position 'mean' needs token-mean metrics: set probe.token_mean: "
+                                "true",
+                            )
+                        )
+            problems.extend(
+                self._check_action(
+                    (*base, "default"), policy.default.route, policy.default.fallback
+                )
+            )
+            if policy.on_probe_error not in self.backends:
+                problems.append(
+                    ((*base, "on_probe_error"), self._unknown_backend(policy.on_probe_error))
+                )
+        return problems
+
+    def _check_models(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        for model, virtual in self.virtual_models.items():
+            if virtual.policy not in self.policies:
+                hint = (
+                    ""
+                    if "virtual_models" in self.model_fields_set
+                    else " (virtual_models is not set, so the built-in `auto: {policy: default}` "
+                    "applies: name a policy 'default' or set virtual_models)"
+                )
+                problems.append(
+                    (
+                        ("virtual_models", model, "policy"),
+                        f"unknown policy {virtual.policy!r}; known: {_names(self.policies)}{hint}",
+                    )
+                )
+        direct: dict[str, str] = {}
+        for name, backend in self.backends.items():
+            if not isinstance(backend, OpenAIBackend):
+                continue
+            for i, model in enumerate(backend.models):
+                loc: Loc = ("backends", name, "models", i)
+                if model in self.virtual_models:
+                    problems.append(
+                        (loc, f"model {model!r} is also a virtual model; rename one of them")
+                    )
+                elif model in direct and direct[model] != name:
+                    problems.append(
+                        (loc, f"model {model!r} is also served by backend {direct[model]!r}")
+                    )
+                direct.setdefault(model, name)
+        return problems
+
+    # -- helpers for consumers --------------------------------------------------------------
+
+    @property
+    def base_dir(self) -> Path | None:
+        """The folder of the config file (None when parsed from a string without one)."""
+        return self._base_dir
+
+    def resolve_path(self, path: str) -> Path:
+        """``path`` with ``~`` expanded, relative paths taken from the config file's folder."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self._base_dir is None:
+            return p
+        return Path(os.path.normpath(self._base_dir / p))
+
+    def calibration_path(self) -> Path | None:
+        """The calibration file to load, resolved (None when no calibration is configured)."""
+        path = self.calibration.path
+        return None if path is None else self.resolve_path(path)
+
+    def local_model(self, backend: str) -> str:
+        """The model a ``local`` backend runs (its ``model``, else the probe's)."""
+        b = self.backends[backend]
+        if not isinstance(b, LocalBackend):
+            raise TypeError(f"backend {backend!r} is not a local backend")
+        return b.model or self.probe.model
+
+    def direct_models(self) -> dict[str, str]:
+        """Model name -> backend for direct pass-through (empty when it is switched off)."""
+        if not self.server.passthrough_direct_models:
+            return {}
+        out: dict[str, str] = {}
+        for name, backend in self.backends.items():
+            if isinstance(backend, OpenAIBackend):
+                for model in backend.models:
+                    out.setdefault(model, name)
+        return out

@@ -1,0 +1,100 @@
+"""Prometheus metrics, one registry per app (no process globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from router.probing import ProbeOutcome
+
+__all__ = ["GatewayMetrics"]
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+
+
+@dataclass(slots=True)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    probe_seconds: Histogram
+    probe_errors: Counter
+    probe_cache: Counter
+    upstream_seconds: Histogram
+    ttft_seconds: Histogram
+    fallbacks: Counter
+
+    @classmethod
+    def create(cls) -> GatewayMetrics:
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            requests=Counter(
+                "router_requests",
+                "Requests answered, by backend, rule and HTTP status",
+                ["backend", "rule", "status"],
+                registry=r,
+            ),
+            probe_seconds=Histogram(
+                "router_probe_seconds",
+                "Time to a probe result (cache hits included)",
+                ["cache"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            probe_errors=Counter(
+                "router_probe_errors",
+                "Probe failures that sent a request to on_probe_error",
+                ["reason"],
+                registry=r,
+            ),
+            probe_cache=Counter(
+                "router_probe_cache", "Probe cache lookups", ["result"], registry=r
+            ),
+            upstream_seconds=Histogram(
+                "router_upstream_seconds",
+                "Upstream time until the answer was committed (non-streaming: whole body)",
+                ["backend"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            ttft_seconds=Histogram(
+                "router_time_to_first_token_seconds",
+                "Streaming: time from request to the first upstream chunk",
+                ["backend"],
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            fallbacks=Counter(
+                "router_fallbacks",
+                "Requests answered by a fallback after a backend failed",
+                ["failed", "answered"],
+                registry=r,
+            ),
+        )
+
+    def record_probe(self, outcome: ProbeOutcome) -> None:
+        self.probe_seconds.labels(outcome.cache).observe(outcome.seconds)
+        self.probe_cache.labels(outcome.cache).inc()
+        if outcome.error is not None:
+            self.probe_errors.labels(outcome.error).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,352 @@
+"""The OpenAI-compatible endpoints, as plain ASGI apps (no buffering of streams).
+
+``POST /v1/chat/completions`` and ``POST /v1/completions``: read the body (413 past the limit),
+check the key, parse what routing needs, probe when the policy needs it, decide, dispatch down
+the backend chain, and answer with the backend's body untouched plus ``x-router-*`` headers.
+``POST /v1/route`` does everything but the dispatch and returns the decision.
+
+A client that disconnects cancels the upstream request, streaming or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from policies.engine import Decision, RequestContext
+from router.backends.base import Endpoint
+from router.dispatch import Dispatched, dispatch
+from router.errors import (
+    HTTPError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UpstreamError,
+    UpstreamStatus,
+    envelope,
+)
+from router.probing import ProbeOutcome
+from router.requests import ParsedRequest, parse_request
+from router.state import GatewayState
+
+__all__ = ["CompletionsEndpoint", "RouteEndpoint", "read_body", "send_error", "send_json"]
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the request body is larger than the limit of {limit} bytes "
+                "(server.max_body_bytes)"
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def send_json(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, exc: HTTPError) -> None:
+    headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    if isinstance(exc, UpstreamStatus):
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.upstream_status,
+                "headers": [(b"content-type", exc.content_type.encode()), *headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": exc.content})
+        return
+    await send_json(send, exc.status, exc.body(), headers)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _context(scope: Scope, parsed: ParsedRequest) -> RequestContext:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    return RequestContext(
+        model=parsed.model, user=parsed.user, headers=headers, metadata=parsed.metadata
+    )
+
+
+@dataclass(slots=True)
+class _Routed:
+    parsed: ParsedRequest
+    decision: Decision
+    outcome: ProbeOutcome | None
+
+    def headers(self, backend: str, fallback_from: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
+        d = self.decision
+        out = [
+            (b"x-router-backend", backend.encode()),
+            (b"x-router-rule", d.rule.encode()),
+            (b"x-router-policy", d.policy.encode()),
+        ]
+        result = self.outcome.result if self.outcome is not None else None
+        if result is not None:
+            out.append((b"x-router-score", f"{result.score:.6f}".encode()))
+            if result.percentile is not None:
+                out.append((b"x-router-percentile", f"{result.percentile:.4f}".encode()))
+        out.append((b"x-router-cache", (self.outcome.cache if self.outcome else "off").encode()))
+        if fallback_from:
+            out.append((b"x-router-fallback", ",".join(fallback_from).encode()))
+        if d.probe_error:
+            out.append((b"x-router-probe-error", b"1"))
+        return out
+
+
+async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _Routed:
+    """Probe (when needed) and decide; direct model names skip both."""
+    policy = state.engine.policy_for_model(parsed.model)
+    if policy is None:
+        backend = state.direct_models.get(parsed.model)
+        if backend is None:
+            known = sorted({*state.settings.virtual_models, *state.direct_models})
+            raise NotFound(
+                f"model {parsed.model!r} not found; available: {', '.join(known)}",
+                param="model",
+                code="model_not_found",
+            )
+        decision = Decision(
+            backend=backend,
+            fallbacks=state.engine.fallback_chain(backend),
+            rule="direct",
+            policy="-",
+            reason=f"model {parsed.model!r} is served by backend {backend!r}",
+            probe_error=False,
+        )
+        return _Routed(parsed, decision, None)
+    outcome: ProbeOutcome | None = None
+    if state.probe is not None and state.engine.needs_probe(policy):
+        outcome = await state.probe.measure(parsed.probe_input)
+    decision = state.engine.decide(
+        policy,
+        outcome.result if outcome is not None else None,
+        _context(scope, parsed),
+        probe_failed=outcome is not None and outcome.error is not None,
+    )
+    return _Routed(parsed, decision, outcome)
+
+
+async def _authorize_and_parse(
+    state: GatewayState, scope: Scope, receive: Receive, endpoint: Endpoint
+) -> ParsedRequest:
+    if not state.authorized(_header(scope, b"authorization")):
+        raise Unauthorized(
+            "missing or invalid API key: send 'Authorization: Bearer KEY' with a key from "
+            "auth.api_keys",
+            code="invalid_api_key",
+        )
+    raw = await read_body(receive, state.settings.server.max_body_bytes)
+    return parse_request(endpoint, raw)
+
+
+async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+class CompletionsEndpoint:
+    """``/v1/chat/completions`` or ``/v1/completions``."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: GatewayState = scope["app"].state.gateway
+        start = time.perf_counter()
+        rule, backend_name, status = "-", "-", 500
+        try:
+            parsed = await _authorize_and_parse(state, scope, receive, self.endpoint)
+            routed = await _route(state, scope, parsed)
+            rule, backend_name = routed.decision.rule, routed.decision.backend
+            status, backend_name = await self._answer(state, routed, receive, send, start)
+        except _Disconnected:
+            status = 499
+        except HTTPError as exc:
+            status = exc.upstream_status if isinstance(exc, UpstreamStatus) else exc.status
+            await send_error(send, exc)
+        finally:
+            state.metrics.requests.labels(backend_name, rule, str(status)).inc()
+
+    async def _answer(
+        self, state: GatewayState, routed: _Routed, receive: Receive, send: Send, start: float
+    ) -> tuple[int, str]:
+        d = routed.decision
+        chain = (d.backend, *d.fallbacks)
+        status, answered = 499, d.backend  # stays 499 when the client goes away first
+        error: HTTPError | None = None
+        with anyio.CancelScope() as cancel_on_disconnect:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_disconnect, receive, cancel_on_disconnect)
+                try:
+                    dispatched = await dispatch(
+                        state.backends,
+                        chain,
+                        self.endpoint,
+                        routed.parsed.body,
+                        stream=routed.parsed.stream,
+                    )
+                    answered = dispatched.backend
+                    state.metrics.upstream_seconds.labels(answered).observe(
+                        time.perf_counter() - start
+                    )
+                    for failed in dispatched.fallback_from:
+                        state.metrics.fallbacks.labels(failed, answered).inc()
+                    headers = routed.headers(answered, dispatched.fallback_from)
+                    if dispatched.result.stream is None:
+                        await send_json(send, 200, dispatched.result.body or b"", headers)
+                        status = 200
+                    else:
+                        status = 200
+                        await self._stream(state, dispatched, headers, send, start)
+                except HTTPError as exc:  # raised after the task group, not wrapped in a group
+                    error = exc
+                finally:
+                    tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return status, answered
+
+    async def _stream(
+        self,
+        state: GatewayState,
+        dispatched: Dispatched,
+        headers: list[tuple[bytes, bytes]],
+        send: Send,
+        start: float,
+    ) -> None:
+        result = dispatched.result
+        assert result.stream is not None
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *headers]}
+        )
+        tail = b"\n\n"
+        first = True
+        try:
+            async for chunk in result.stream:
+                if first:
+                    state.metrics.ttft_seconds.labels(dispatched.backend).observe(
+                        time.perf_counter() - start
+                    )
+                    first = False
+                if chunk:
+                    tail = chunk[-2:]
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamError as exc:
+            logger.warning("stream from %s broke mid-way: %s", dispatched.backend, exc.message)
+            sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
+            event = envelope(
+                f"the upstream stream from backend {dispatched.backend!r} broke: {exc.message}",
+                exc.type,
+                code="upstream_stream_error",
+            )
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": sep + b"data: " + event + b"\n\ndata: [DONE]\n\n",
+                    "more_body": True,
+                }
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await result.close()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class RouteEndpoint:
+    """``POST /v1/route``: the probe result and the decision, without dispatching."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: GatewayState = scope["app"].state.gateway
+        try:
+            endpoint: Endpoint = (
+                "completions" if _is_completion_body(scope) else "chat/completions"
+            )
+            parsed = await _authorize_and_parse(state, scope, receive, endpoint)
+            routed = await _route(state, scope, parsed)
+        except _Disconnected:
+            return
+        except HTTPError as exc:
+            await send_error(send, exc)
+            return
+        d = routed.decision
+        outcome = routed.outcome
+        payload = {
+            "id": f"route-{uuid.uuid4().hex[:16]}",
+            "object": "router.decision",
+            "model": parsed.model,
+            "decision": {
+                "backend": d.backend,
+                "fallbacks": list(d.fallbacks),
+                "rule": d.rule,
+                "policy": d.policy,
+                "reason": d.reason,
+                "probe_error": d.probe_error,
+            },
+            "probe": None
+            if outcome is None
+            else {
+                "cache": outcome.cache,
+                "seconds": outcome.seconds,
+                "error": outcome.error,
+                "result": outcome.result.to_dict() if outcome.result is not None else None,
+            },
+        }
+        await send_json(send, 200, json.dumps(payload).encode(), routed.headers(d.backend, ()))
+
+
+def _is_completion_body(scope: Scope) -> bool:
+    query = scope.get("query_string", b"")
+    return b"endpoint=completions" in query

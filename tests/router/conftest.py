@@ -1,0 +1,137 @@
+"""Gateway fixtures: fake OpenAI upstreams and the gateway itself, each on a real loopback port."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from policies.loader import parse_settings
+from probes.calibration import Calibration
+from probes.probe import SparsityProbe
+from router.app import create_app
+from tests.servers import FakeUpstream, ServerThread
+
+REFERENCE = [
+    f"{a} {b} question number {i}?"
+    for i, (a, b) in enumerate(
+        (a, b)
+        for a in (
+            "What is",
+            "How many",
+            "Translate",
+            "Explain",
+            "Why do",
+            "Bonjour",
+            "qz xv",
+            "Janet has",
+        )
+        for b in (
+            "eggs",
+            "the fox",
+            "two plus two",
+            "le monde",
+            "lazy dogs",
+            "kk wp tt",
+            "16 eggs",
+            "hello",
+        )
+    )
+]
+
+
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens (connection refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tiny_probe: SparsityProbe, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    results = tiny_probe.measure(REFERENCE)
+    path = tmp_path_factory.mktemp("calib") / "tiny.json"
+    Calibration.fit(results, tiny_probe.fingerprint(), min_per_bucket=16).save(path)
+    return path
+
+
+@pytest.fixture
+def upstreams() -> Iterator[dict[str, tuple[FakeUpstream, ServerThread]]]:
+    started: dict[str, tuple[FakeUpstream, ServerThread]] = {}
+    try:
+        for name in ("small", "large", "large2"):
+            fake = FakeUpstream(name=name)
+            started[name] = (fake, ServerThread(fake).start())
+        yield started
+    finally:
+        for _fake, server in started.values():
+            server.stop()
+
+
+def gateway_yaml(
+    tiny_model_dir: Path,
+    calibration: Path,
+    upstreams: dict[str, tuple[FakeUpstream, ServerThread]],
+    *,
+    large_urls: list[str] | None = None,
+    extra: str = "",
+    large_timeouts: str = "",
+    api_keys: str = "[]",
+) -> str:
+    small_url = upstreams["small"][1].url + "/v1"
+    large = large_urls or [upstreams["large"][1].url + "/v1", upstreams["large2"][1].url + "/v1"]
+    urls = ", ".join(f'"{u}"' for u in large)
+    return f"""
+server: {{max_body_bytes: 65536}}
+auth: {{api_keys: {api_keys}}}
+probe:
+  model: "{tiny_model_dir}"
+  layers: [1, 2, -1]
+  token_mean: true
+  timeout_s: 10
+calibration: {{path: "{calibration}"}}
+backends:
+  small: {{type: openai, base_urls: ["{small_url}"], model: small-served, models: [small-direct]}}
+  large:
+    type: openai
+    base_urls: [{urls}]
+    model: large-served
+    fallback: [small]
+    {large_timeouts}
+policies:
+  default:
+    rules:
+      - {{name: sparse, when: {{share: 0.5}}, route: large}}
+    default: small
+    on_probe_error: large
+{extra}
+"""
+
+
+@pytest.fixture
+def make_gateway(
+    tiny_model_dir: Path,
+    tiny_probe: SparsityProbe,
+    tiny_calibration: Path,
+    upstreams: dict[str, tuple[FakeUpstream, ServerThread]],
+    tmp_path: Path,
+) -> Iterator[Callable[..., ServerThread]]:
+    running: list[ServerThread] = []
+
+    def make(**kwargs: Any) -> ServerThread:
+        text = gateway_yaml(tiny_model_dir, tiny_calibration, upstreams, **kwargs)
+        settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
+        server = ServerThread(create_app(settings, probe=tiny_probe)).start()
+        running.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in running:
+            server.stop()
