@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _data import data_root, read_gsm8k, read_mmlu  # noqa: E402
+from _data import data_root, read_gsm8k, read_mmlu
 
 
 def build(n_gsm8k: int, n_mmlu: int, seed: int) -> list[str]:

@@ -61,7 +61,7 @@ def _top_k(d: int, frac: float) -> int:
 
 
 def top_k_energy(h: torch.Tensor, frac: float) -> torch.Tensor:
-    """Share of the energy Σh² held by the ``max(1, ⌊frac·d⌋)`` largest entries. Higher = sparser."""
+    """Share of Σh² held by the ``max(1, ⌊frac·d⌋)`` largest entries. Higher = sparser."""
     h = _prep(h)
     sq = h * h
     k = _top_k(h.shape[-1], frac)
@@ -82,7 +82,8 @@ def hoyer(h: torch.Tensor) -> torch.Tensor:
     """(√d − ‖h‖₁/‖h‖₂)/(√d − 1): 1 for one-hot, 0 for constant. Higher = sparser."""
     h = _prep(h)
     sqrt_d = math.sqrt(h.shape[-1])
-    ratio = h.abs().sum(-1) / torch.linalg.vector_norm(h, dim=-1).clamp_min(_EPS)
+    norm: torch.Tensor = torch.linalg.vector_norm(h, dim=-1)
+    ratio = h.abs().sum(-1) / norm.clamp_min(_EPS)
     return ((sqrt_d - ratio) / (sqrt_d - 1.0)).clamp(0.0, 1.0)
 
 
@@ -99,7 +100,9 @@ def gini(h: torch.Tensor) -> torch.Tensor:
 def outlier_frac(h: torch.Tensor) -> torch.Tensor:
     """Fraction of |h_i| at or above mean(|h|) + std(|h|): 1/d for one-hot, 1 for constant.
 
-    Lower = sparser. The comparison allows a relative tolerance of 1e-5 of max|h| so that a
+    Lower = sparser, with a caveat: a two-level vector such as [0, 1, 1, 1] has no entry above
+    mean + std and scores 0, below the one-hot's 1/d, so this metric is not bounded by the
+    extremes the others respect. The comparison allows a relative tolerance of 1e-5 of max|h| so that a
     constant vector (std = 0 up to rounding) counts every entry, as the limit demands.
     """
     h = _prep(h)

@@ -214,7 +214,7 @@ def _dequantise_into(gguf: Path, out: Path) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
     except Exception as exc:  # transformers raises many types for unreadable files
@@ -238,7 +238,7 @@ def _offline() -> bool:
 def _from_pretrained(source: str, device: torch.device, dtype: torch.dtype, **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.to(device)
     model.eval()
     model.requires_grad_(False)

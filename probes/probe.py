@@ -14,6 +14,8 @@ final norm. Negative indices count from the end.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,17 +50,24 @@ ProbeInput = str | Sequence[Message]
 
 
 class ProbeSettings(BaseModel):
-    """How to probe. Defaults are the configuration chosen from ``bench/signal.py``."""
+    """How to probe. Defaults are the configuration chosen from ``bench/signal.py``.
+
+    The default score is the top-10% energy at layer 10 of 30, last prompt token: on held-out
+    halves it separates character noise (AUROC 0.98) and random tokens (0.92) from clean GSM8K
+    and rises with MATH-500 difficulty (Spearman 0.29, p = 3e-6), while running a third of
+    the layers (0.28x the latency of a full forward). The paper's last layer detects shift
+    slightly better but costs 0.76x; see bench/results/signal.md.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(DEFAULT_MODEL, description="hub id, local dir, .gguf file or bundled:NAME")
     device: str = "auto"
     dtype: str = "auto"
-    layers: tuple[int, ...] = Field((-1,), description="layers to report (negative from the end)")
+    layers: tuple[int, ...] = Field((10,), description="layers to report (negative from the end)")
     metrics: tuple[str, ...] = METRIC_NAMES
-    score_metric: str = "top1_energy"
-    score_layer: int = -1
+    score_metric: str = "top10_energy"
+    score_layer: int | None = Field(None, description="None: the last entry of layers")
     score_position: Position = "last"
     token_mean: bool = Field(False, description="also report metrics averaged over tokens")
     max_tokens: int = Field(512, ge=2, le=131072)
@@ -66,6 +75,12 @@ class ProbeSettings(BaseModel):
     chat_template: bool = True
     system_prompt: str | None = None
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: leave)")
+    prefix_cache: bool = Field(
+        False,
+        description="compute the chat template's constant opening (system prompt, 'user' header) "
+        "once and reuse its keys/values: same numbers up to float rounding, ~20-30% less work "
+        "on typical prompts",
+    )
 
     @field_validator("metrics")
     @classmethod
@@ -164,6 +179,16 @@ class _StopForward(Exception):
     """Raised from a forward hook once the deepest needed layer has run."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Prefix:
+    """The template's constant opening: its token ids, KV cache and per-layer hidden states."""
+
+    ids: list[int]
+    cache: Any  # transformers Cache, filled up to the deepest layer the probe reads
+    states: dict[int, torch.Tensor]  # layer -> (P, d) float32
+    cache_kwarg: str  # "cache" (transformers >= 5.x) or "past_key_values"
+
+
 @dataclass(slots=True)
 class _Encoded:
     ids: list[int]
@@ -171,7 +196,7 @@ class _Encoded:
     order: int = field(default=0)
 
 
-def _decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
+def _decoder_parts(model: Any) -> tuple[Any, nn.ModuleList, nn.Module | None]:
     """(base model without LM head, its decoder layers, its final norm) for common families."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else None
     if base is None:
@@ -201,15 +226,22 @@ class SparsityProbe:
         self.n_layers = self.loaded.n_layers
         self.layers: tuple[int, ...] = tuple(
             dict.fromkeys(
-                self._resolve_layer(x) for x in (*self.settings.layers, self.settings.score_layer)
+                self._resolve_layer(x) for x in (*self.settings.layers, self._score_layer_spec)
             )
         )
-        self.score_layer = self._resolve_layer(self.settings.score_layer)
+        self.score_layer = self._resolve_layer(self._score_layer_spec)
         self.token_mean = self.settings.token_mean or self.settings.score_position == "mean"
         self._base, self._decoder_layers, self._norm = _decoder_parts(self.loaded.model)
         self._lock = threading.Lock()
+        self._prefix: _Prefix | None = None
+        self._prefix_ready = False
 
     # -- configuration -------------------------------------------------------------------
+    @property
+    def _score_layer_spec(self) -> int:
+        s = self.settings
+        return s.layers[-1] if s.score_layer is None else s.score_layer
+
     def _resolve_layer(self, layer: int) -> int:
         n = self.n_layers
         if not -n <= layer <= n:
@@ -316,8 +348,21 @@ class SparsityProbe:
     def measure_one(self, item: ProbeInput) -> ProbeResult:
         return self.measure([item])[0]
 
-    def hidden_states(self, batch: Sequence[list[int]]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def hidden_states(
+        self, batch: Sequence[list[int]]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Left-padded forward pass; returns ({layer: (B, T, d) float32}, attention mask (B, T))."""
+        if self.settings.prefix_cache:
+            prefix = self._template_prefix()
+            if prefix is not None and all(
+                len(ids) > len(prefix.ids) and ids[: len(prefix.ids)] == prefix.ids for ids in batch
+            ):
+                return self._hidden_states_after(prefix, batch)
+        input_ids, mask = self._left_pad(batch)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        return self._forward(input_ids, mask, position_ids), mask
+
+    def _left_pad(self, batch: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.loaded.device
         width = max(len(ids) for ids in batch)
         pad = int(self.loaded.tokenizer.pad_token_id or 0)
@@ -326,9 +371,16 @@ class SparsityProbe:
         for row, ids in enumerate(batch):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             mask[row, width - len(ids) :] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        return input_ids.to(dev), mask.to(dev)
 
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        **model_kwargs: Any,
+    ) -> dict[int, torch.Tensor]:
+        """Run the base model up to the deepest layer; the hooked layers' outputs (float32)."""
         captured: dict[int, torch.Tensor] = {}
         deepest = self.deepest_layer
         handles = []
@@ -364,14 +416,81 @@ class SparsityProbe:
                         input_ids=input_ids,
                         attention_mask=mask,
                         position_ids=position_ids,
-                        use_cache=False,
+                        use_cache=bool(model_kwargs),
+                        **model_kwargs,
                     )
                 except _StopForward:
                     pass
         finally:
             for handle in handles:
                 handle.remove()
-        return captured, mask
+        return captured
+
+    # -- prefix cache (settings.prefix_cache) ---------------------------------------------
+    def _template_prefix(self) -> _Prefix | None:
+        """The token ids every templated input starts with, run once; None when there are none.
+
+        Found as the common start of two different rendered inputs, so it covers the chat
+        template's opening and any configured system prompt. Causal attention makes its keys,
+        values and hidden states independent of what follows, so they are computed once.
+        """
+        if self._prefix_ready:
+            return self._prefix
+        prefix: _Prefix | None = None
+        params = inspect.signature(self._base.forward).parameters
+        kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
+        if kwarg is not None and self.settings.chat_template:
+            a, _ = self.encode("a")
+            b, _ = self.encode("b")
+            n = 0
+            while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+                n += 1
+            if n >= 2:
+                from transformers import DynamicCache
+
+                try:
+                    cache = DynamicCache(config=self.loaded.model.config)
+                except TypeError:  # older transformers
+                    cache = DynamicCache()
+                ids = a[:n]
+                input_ids, mask = self._left_pad([ids])
+                position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+                states = self._forward(input_ids, mask, position_ids, **{kwarg: cache})
+                prefix = _Prefix(ids, cache, {k: v[0] for k, v in states.items()}, kwarg)
+        self._prefix, self._prefix_ready = prefix, True
+        return prefix
+
+    def _hidden_states_after(
+        self, prefix: _Prefix, batch: Sequence[list[int]]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """``hidden_states`` for inputs that start with the prefix: run only what follows it.
+
+        The rest is left-padded after the cached prefix ([prefix | pads | rest], pads masked,
+        positions continuing from the prefix), then the outputs are laid out as the plain path
+        lays them out ([pads | prefix | rest]) so callers cannot tell the difference.
+        """
+        p = len(prefix.ids)
+        input_ids, mask = self._left_pad([ids[p:] for ids in batch])
+        rows, width = mask.shape
+        position_ids = p + (mask.cumsum(-1) - 1).clamp_min(0)
+        attention = torch.cat([mask.new_ones(rows, p), mask], dim=1)
+        cache = copy.deepcopy(prefix.cache)
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        captured = self._forward(input_ids, attention, position_ids, **{prefix.cache_kwarg: cache})
+        lengths = [int(n) for n in mask.sum(-1).tolist()]
+        full_mask = torch.zeros((rows, p + width), dtype=mask.dtype, device=mask.device)
+        states: dict[int, torch.Tensor] = {}
+        for layer, h in captured.items():
+            full = h.new_zeros((rows, p + width, h.shape[-1]))
+            for row, n in enumerate(lengths):
+                start = width - n
+                full[row, start : start + p] = prefix.states[layer]
+                full[row, start + p :] = h[row, start:]
+            states[layer] = full
+        for row, n in enumerate(lengths):
+            full_mask[row, width - n :] = 1
+        return states, full_mask
 
     def _measure_batch(self, chunk: Sequence[_Encoded]) -> list[ProbeResult]:
         states, mask = self.hidden_states([e.ids for e in chunk])

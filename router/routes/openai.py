@@ -311,9 +311,7 @@ class RouteEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state: GatewayState = scope["app"].state.gateway
         try:
-            endpoint: Endpoint = (
-                "completions" if _is_completion_body(scope) else "chat/completions"
-            )
+            endpoint: Endpoint = "completions" if _is_completion_body(scope) else "chat/completions"
             parsed = await _authorize_and_parse(state, scope, receive, endpoint)
             routed = await _route(state, scope, parsed)
         except _Disconnected:

@@ -284,9 +284,9 @@ BROKEN: dict[str, list[str]] = {
         "7: experiments: A/B experiments are not available yet; remove this section"
     ],
     "bad-metric-not-measured.yaml": [
-        "9: policies.default.rules[0].when.metric.name: metric 'gini' is not measured by the "
+        "10: policies.default.rules[0].when.metric.name: metric 'gini' is not measured by the "
         "probe; probe.metrics: top1_energy, hoyer",
-        "9: policies.default.rules[0].when.metric.position: position 'mean' needs token-mean "
+        "10: policies.default.rules[0].when.metric.position: position 'mean' needs token-mean "
         "metrics: set probe.token_mean: true",
     ],
     "bad-several.yaml": [
@@ -338,7 +338,8 @@ def test_problems_carry_structured_fields() -> None:
         (
             "probe: {scor_metric: hoyer}\n",
             "s.yaml:7: probe: unknown key 'scor_metric' (allowed: batch_size, chat_template, "
-            "device, dtype, layers, max_tokens, metrics, model, score_layer, score_metric, "
+            "device, dtype, layers, max_tokens, metrics, model, prefix_cache, score_layer, "
+            "score_metric, "
             "score_position, system_prompt, threads, timeout_s, token_mean)",
         ),
         (

@@ -33,7 +33,7 @@ def test_missing_model_names_what_was_tried(monkeypatch: pytest.MonkeyPatch) -> 
 def test_bad_paths_and_options(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"GGUF file .* does not exist"):
         load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_model(str(tmp_path))
     with pytest.raises(ModelLoadError, match="unknown bundled model"):
         load_model("bundled:gpt-17")

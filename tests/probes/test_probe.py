@@ -104,7 +104,7 @@ def test_score_position_mean_and_other_metric(tiny_model_dir: object) -> None:
 
 
 def test_long_input_keeps_its_tail(tiny_model_dir: object) -> None:
-    probe = SparsityProbe(ProbeSettings(model=str(tiny_model_dir), max_tokens=32))
+    probe = SparsityProbe(ProbeSettings(model=str(tiny_model_dir), layers=(-1,), max_tokens=32))
     long_text = "the quick brown fox " * 5000 + "TAIL MARKER"  # 100k characters
     assert len(long_text) >= 100_000
     ids, truncated = probe.encode(long_text)

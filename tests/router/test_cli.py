@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def tiny(tiny_model_dir: Path) -> list[str]:
     """Probe options selecting the tiny test model on CPU."""
-    return ["--model", str(tiny_model_dir), "--device", "cpu"]
+    return ["--model", str(tiny_model_dir), "--device", "cpu", "--layer=-1"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_probe_json(tiny: list[str], capsys: pytest.CaptureFixture[str]) -> None
         assert {"n_tokens", "score", "percentile", "metrics", "metrics_mean", "truncated"} <= set(d)
         assert d["percentile"] is None
         assert set(d["metrics"]) == {"L1", "L4"}
-        assert d["metrics"]["L4"]["top1_energy"] == pytest.approx(d["score"])
+        assert d["metrics"]["L4"]["top10_energy"] == pytest.approx(d["score"])
         assert d["truncated"] is False
         assert d["n_tokens"] > 0
 
@@ -110,7 +110,7 @@ def test_probe_mismatched_calibration(
     assert out == ""
     assert err.startswith("error: calibration ")
     assert (
-        "was fitted with layer=4, metric=top1_energy; this probe has layer=2, metric=hoyer. "
+        "was fitted with layer=4, metric=top10_energy; this probe has layer=2, metric=hoyer. "
         "Fix: re-run sparsity-router calibrate with this probe config"
     ) in err
     assert "Traceback" not in err
@@ -267,4 +267,4 @@ def test_probe_with_the_bundled_model(
     for row in rows:
         assert set(row["metrics"]) == {"L8", "L30"}
         assert 0.0 < row["score"] < 1.0
-        assert row["metrics"]["L30"]["top1_energy"] == pytest.approx(row["score"])
+        assert row["metrics"]["L30"]["top10_energy"] == pytest.approx(row["score"])
