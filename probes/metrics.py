@@ -102,8 +102,8 @@ def outlier_frac(h: torch.Tensor) -> torch.Tensor:
 
     Lower = sparser, with a caveat: a two-level vector such as [0, 1, 1, 1] has no entry above
     mean + std and scores 0, below the one-hot's 1/d, so this metric is not bounded by the
-    extremes the others respect. The comparison allows a relative tolerance of 1e-5 of max|h| so that a
-    constant vector (std = 0 up to rounding) counts every entry, as the limit demands.
+    extremes the others respect. The comparison allows a relative tolerance of 1e-5 of max|h|
+    so that a constant vector (std = 0 up to rounding) counts every entry, as the limit demands.
     """
     h = _prep(h)
     a = h.abs()
