@@ -88,3 +88,16 @@ def bundled_probe():  # type: ignore[no-untyped-def]
     from probes.probe import ProbeSettings, SparsityProbe
 
     return SparsityProbe(ProbeSettings(layers=(1, 8, -1), token_mean=True, device="cpu"))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real redis-server on a free loopback port, stopped after the test (kill()/restart() for
+    fault tests)."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
