@@ -14,6 +14,7 @@ building, cookies, repeated timeouts) dominated the profile. ``httpx`` is kept f
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import anyio
 import httpx
 
 from router.backends.base import Endpoint, UpstreamResult
@@ -135,7 +135,7 @@ class OpenAIBackend:
         response: aiohttp.ClientResponse | None = None
         handed_over = False
         try:
-            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
                 response = await self._aio().post(url, data=content, headers=self._headers)
                 if response.status >= 400:
                     error_body = await response.read()
@@ -183,7 +183,7 @@ class OpenAIBackend:
         iterator = response.content.iter_any().__aiter__()
         while True:
             try:
-                with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                async with asyncio.timeout_at(self._loop_deadline(deadline)):
                     chunk = await iterator.__anext__()
             except StopAsyncIteration:
                 return
@@ -192,6 +192,11 @@ class OpenAIBackend:
             except aiohttp.ClientError as exc:
                 raise UpstreamError(f"stream broke: {type(exc).__name__}: {exc}") from exc
             yield chunk
+
+    @staticmethod
+    def _loop_deadline(deadline: float) -> float:
+        """``deadline`` (time.monotonic) on the event loop's clock, for ``asyncio.timeout_at``."""
+        return asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
     async def ping(self) -> str:
         statuses = []

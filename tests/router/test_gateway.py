@@ -402,3 +402,39 @@ def test_models_health_ready_metrics(make_gateway: MakeGateway) -> None:
     text = httpx.get(gw.url + "/metrics").text
     assert "router_requests_total{" in text and "router_probe_seconds_bucket" in text
     assert "router_upstream_seconds_bucket" in text
+
+
+def test_unexpected_error_on_the_hot_path_is_a_logged_500_envelope(
+    make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import router.routes.openai as routes
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom from a bug")
+
+    gw = make_gateway()
+    monkeypatch.setattr(routes, "dispatch", broken)
+    body = {"model": "small", "messages": [{"role": "user", "content": "hi"}]}
+    with caplog.at_level("ERROR", logger="router.app"):
+        r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=10)
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert "boom" not in r.text  # no internals in the response
+    assert any("boom from a bug" in str(rec.exc_info) for rec in caplog.records)
+
+
+def test_keep_alive_connection_serves_many_requests(make_gateway: MakeGateway) -> None:
+    """The disconnect watcher is stopped before it can see the end of a response: a kept-alive
+    connection goes on serving, stream and not, with no request cancelled by mistake."""
+    gw = make_gateway()
+    with client(gw) as c:
+        for i in range(30):
+            messages = [{"role": "user", "content": f"question {i}"}]
+            if i % 2:
+                chunks = list(
+                    c.chat.completions.create(model="small", messages=messages, stream=True)
+                )  # type: ignore[arg-type]
+                assert chunks
+            else:
+                answer = c.chat.completions.create(model="small", messages=messages)  # type: ignore[arg-type]
+                assert answer.choices[0].message.content
