@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
-import anyio.to_thread
 
 from probes.batching import MicroBatcher
 from probes.calibration import Calibration
@@ -39,7 +38,7 @@ class ProbeOutcome:
     result: ProbeResult | None
     cache: CacheState
     seconds: float
-    error: str | None = None  # "timeout", "input", "model"
+    error: str | None = None  # "timeout", "input", "model", "cancelled" (the shared pass's owner)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +76,18 @@ class ProbeService:
         self.timeout_s = timeout_s
         self._on_measured = on_measured
         self._prefix = json.dumps(probe.fingerprint(), sort_keys=True).encode()
-        self._limiter = anyio.CapacityLimiter(1)
         self._flights: dict[str, _Flight] = {}
-        self.batcher: MicroBatcher[ProbeInput, ProbeResult] | None = None
-        if batching is not None:
-            self.batcher = MicroBatcher(
-                self._measure_batch,
-                max_batch=batching.max_batch,
-                window_s=batching.window_s,
-                thread_name="probe-batch",
-            )
+        # Batching off is a batch of one, still on one dedicated worker thread: forward passes
+        # from changing threads each start their own OpenMP team, and idle teams spinning
+        # beside the busy one cut throughput several-fold (bench/probe_throughput.py).
+        self.batching = batching
+        config = batching or BatchingConfig(max_batch=1, window_s=0.0)
+        self.batcher: MicroBatcher[ProbeInput, ProbeResult] = MicroBatcher(
+            self._measure_batch,
+            max_batch=config.max_batch,
+            window_s=config.window_s,
+            thread_name="probe",
+        )
         self.passes = 0  # forward passes run (one per batch)
 
     @property
@@ -117,6 +118,8 @@ class ProbeService:
                 if flight.result is not None and self.cache is not None:
                     await self.cache.set(key, flight.result)
         finally:
+            if flight.result is None and flight.error is None:  # its owner was cancelled
+                flight.error = "cancelled"
             flight.done.set()
             del self._flights[key]
         return self._finish(flight.result, flight.cache, start, flight.error)
@@ -148,13 +151,7 @@ class ProbeService:
     async def _run(self, item: ProbeInput) -> tuple[ProbeResult | None, str | None]:
         try:
             with anyio.fail_after(self.timeout_s):
-                if self.batcher is not None:
-                    result = await self.batcher.submit(item)
-                else:
-                    self.passes += 1
-                    result = await anyio.to_thread.run_sync(
-                        self.probe.measure_one, item, limiter=self._limiter, abandon_on_cancel=True
-                    )
+                result = await self.batcher.submit(item)
         except TimeoutError:
             logger.warning("probe missed its %.2f s deadline", self.timeout_s)
             return None, "timeout"
@@ -167,8 +164,7 @@ class ProbeService:
         return result, None
 
     async def aclose(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.aclose()
+        await self.batcher.aclose()
         if self.cache is not None:
             await self.cache.aclose()
 

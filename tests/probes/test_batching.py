@@ -148,7 +148,7 @@ async def test_the_probe_service_batches_distinct_prompts(tiny_probe: SparsityPr
         async with anyio.create_task_group() as tg:
             for i in range(len(prompts)):
                 tg.start_soon(one, i)
-        assert svc.batcher is not None and svc.batcher.batches == 1
+        assert svc.batcher.batches == 1
         for i, want in enumerate(expected):
             got = outcomes[i].result
             assert got is not None and outcomes[i].cache == "off"

@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.redis_server import RedisServer
@@ -107,3 +108,36 @@ def test_a_prompt_probed_by_one_gateway_is_a_hit_on_the_other(
     assert route(one, "Another prompt entirely, never seen.").headers["x-router-cache"] == "miss"
     metrics = httpx.get(two + "/metrics", timeout=10).text
     assert 'router_cache_lookups_total{result="hit",tier="redis"} 1.0' in metrics
+
+
+def test_requests_succeed_through_a_redis_outage(
+    make_gateway: Callable[..., ServerThread], redis_server: RedisServer
+) -> None:
+    """The openai SDK against the gateway while Redis dies and comes back."""
+    extra = (
+        f'cache: {{memory: {{max_entries: 0}}, redis: {{url: "{redis_server.url}", '
+        "timeout_s: 0.05}}\n"
+    )
+    gw = make_gateway(extra=extra)
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="k", max_retries=0, timeout=20)
+
+    def ask(prompt: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": prompt}]
+        )
+        assert raw.parse().choices[0].message.content
+        return raw.headers["x-router-cache"]
+
+    assert ask("What is two plus two?") == "miss"
+    assert ask("What is two plus two?") == "hit"
+    redis_server.kill()
+    for i in range(5):
+        assert ask(f"Question {i} while Redis is down") == "miss"
+    assert ask("What is two plus two?") == "miss"  # Redis gone, memory tier off
+    redis_server.restart()
+    deadline = time.monotonic() + 20
+    while not (ask("Back again?") == "hit"):
+        assert time.monotonic() < deadline, "the Redis cache did not come back"
+        time.sleep(0.2)
+    metrics = httpx.get(gw.url + "/metrics", timeout=10).text
+    assert 'router_cache_lookups_total{result="error",tier="redis"}' in metrics
