@@ -13,8 +13,8 @@ calibration) then ``PolicyEngine.decide``.
 - **throughput**: 1, 4, 16 and 64 concurrent clients, each sending distinct prompts back to
   back (no cache), micro-batching off (one forward pass per request, on the probe's dedicated
   worker thread) and on (requests arriving within W ms, up to B, share a pass); requests/s and
-  p50/p99 latency per decision, and the on/off throughput ratio. Off and on alternate in several rounds per
-  concurrency level, so load from elsewhere on the machine hits both alike.
+  p50/p99 latency per decision, and the on/off throughput ratio. Off and on alternate in
+  several rounds per concurrency level, so load from elsewhere on the machine hits both alike.
 - **cache hits**: decision latency p50/p99 when the result comes from the memory LRU, and from
   Redis on loopback (a redis-server started here; memory tier off), against the miss latency
   at concurrency 1 measured above.
