@@ -4,7 +4,8 @@ Sections (every model forbids unknown keys)::
 
     server:          host, port, max_body_bytes, passthrough_direct_models, request_timeout_s
     auth:            api_keys (empty strings dropped; no keys = no auth)
-    probe:           ProbeSettings (probes.probe) + timeout_s, the gateway's deadline for one probe
+    probe:           ProbeSettings (probes.probe) + timeout_s, the gateway's deadline for one probe,
+                     + batching {enabled, max_batch, window_ms} (micro-batching)
     calibration:     path to a calibration JSON (relative to the config file's folder)
     cache:           memory {max_entries, ttl_s}, redis {url, ttl_s, timeout_s, key_prefix} | null
     backends:        name -> openai | local | human            (discriminated on `type`)
@@ -50,6 +51,7 @@ __all__ = [
     "AuthSettings",
     "Backend",
     "Band",
+    "BatchingSettings",
     "CacheSettings",
     "CalibrationSettings",
     "Condition",
@@ -163,6 +165,15 @@ class AuthSettings(_Model):
         return bool(self.api_keys)
 
 
+class BatchingSettings(_Model):
+    """``probe.batching``: distinct requests arriving within ``window_ms`` (or until
+    ``max_batch`` are waiting) share one forward pass."""
+
+    enabled: bool = True
+    max_batch: int = Field(16, ge=1, le=1024, description="requests per forward pass at most")
+    window_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch collects")
+
+
 class ProbeSection(ProbeSettings):
     """The ``probe:`` section: :class:`probes.probe.ProbeSettings` plus the gateway's deadline.
 
@@ -171,10 +182,11 @@ class ProbeSection(ProbeSettings):
     """
 
     timeout_s: float = Field(2.0, gt=0, description="gateway-side deadline for one probe")
+    batching: BatchingSettings = BatchingSettings()
 
     def probe_settings(self) -> ProbeSettings:
         """The plain :class:`ProbeSettings` (what ``SparsityProbe`` and calibrations compare)."""
-        return ProbeSettings(**self.model_dump(exclude={"timeout_s"}))
+        return ProbeSettings(**self.model_dump(exclude={"timeout_s", "batching"}))
 
 
 class CalibrationSettings(_Model):

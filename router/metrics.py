@@ -40,6 +40,7 @@ class GatewayMetrics:
     upstream_seconds: Histogram
     ttft_seconds: Histogram
     fallbacks: Counter
+    cache_lookups: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -88,6 +89,14 @@ class GatewayMetrics:
                 ["failed", "answered"],
                 registry=r,
             ),
+            cache_lookups=Counter(
+                "router_cache_lookups",
+                "Probe-cache lookups per tier (memory, redis) and result: hit, miss, invalid "
+                "(a foreign or corrupt value), error (Redis failed or timed out), skipped "
+                "(Redis down, waiting before the next try)",
+                ["tier", "result"],
+                registry=r,
+            ),
         )
 
     def record_probe(self, outcome: ProbeOutcome) -> None:
@@ -95,6 +104,9 @@ class GatewayMetrics:
         self.probe_cache.labels(outcome.cache).inc()
         if outcome.error is not None:
             self.probe_errors.labels(outcome.error).inc()
+
+    def record_cache(self, tier: str, result: str) -> None:
+        self.cache_lookups.labels(tier, result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

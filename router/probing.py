@@ -3,7 +3,10 @@
 ``ProbeService.measure(item)`` never raises for a probe problem: it returns a ``ProbeOutcome``
 with ``error`` set (input the probe cannot read, a model failure, the deadline passing), and the
 policy sends the request to its ``on_probe_error`` backend. Concurrent identical requests share
-one probe pass. The forward pass runs in a worker thread, off the event loop.
+one cache lookup and one probe pass (single flight). The forward pass runs in a worker thread,
+off the event loop; with a ``MicroBatcher`` configured, distinct requests arriving together share
+one forward pass. Caches hold the raw result; the calibration's percentile is added on the way
+out, so gateways with different calibrations can share one Redis.
 """
 
 from __future__ import annotations
@@ -12,18 +15,18 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
-import anyio.to_thread
 
+from probes.batching import MicroBatcher
 from probes.calibration import Calibration
 from probes.errors import ProbeError
 from probes.probe import ProbeInput, ProbeResult, SparsityProbe
 
-__all__ = ["CacheState", "ProbeOutcome", "ProbeService"]
+__all__ = ["BatchingConfig", "CacheState", "ProbeOutcome", "ProbeService"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +38,25 @@ class ProbeOutcome:
     result: ProbeResult | None
     cache: CacheState
     seconds: float
-    error: str | None = None  # "timeout", "input", "model"
+    error: str | None = None  # "timeout", "input", "model", "cancelled" (the shared pass's owner)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    max_batch: int = 16
+    window_s: float = 0.005
 
 
 class _Flight:
-    """One in-progress probe pass that identical requests wait on."""
+    """One in-progress cache lookup and probe pass that identical requests wait on."""
 
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("cache", "done", "error", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, cache: CacheState) -> None:
         self.done = anyio.Event()
         self.result: ProbeResult | None = None
         self.error: str | None = None
+        self.cache: CacheState = cache
 
 
 class ProbeService:
@@ -58,6 +68,7 @@ class ProbeService:
         cache: Any | None,  # router.cache.ProbeCache
         timeout_s: float,
         on_measured: Callable[[ProbeOutcome], None] | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self.probe = probe
         self.calibration = calibration
@@ -65,8 +76,24 @@ class ProbeService:
         self.timeout_s = timeout_s
         self._on_measured = on_measured
         self._prefix = json.dumps(probe.fingerprint(), sort_keys=True).encode()
-        self._limiter = anyio.CapacityLimiter(1)
         self._flights: dict[str, _Flight] = {}
+        # Batching off is a batch of one, still on one dedicated worker thread: forward passes
+        # from changing threads each start their own OpenMP team, and idle teams spinning
+        # beside the busy one cut throughput several-fold (bench/probe_throughput.py).
+        self.batching = batching
+        config = batching or BatchingConfig(max_batch=1, window_s=0.0)
+        self.batcher: MicroBatcher[ProbeInput, ProbeResult] = MicroBatcher(
+            self._measure_batch,
+            max_batch=config.max_batch,
+            window_s=config.window_s,
+            thread_name="probe",
+        )
+        self.passes = 0  # forward passes run (one per batch)
+
+    @property
+    def fingerprint_digest(self) -> str:
+        """A short digest of the probe's fingerprint (stored with cached values)."""
+        return hashlib.sha256(self._prefix).hexdigest()[:16]
 
     def key(self, item: ProbeInput) -> str:
         digest = hashlib.sha256(self._prefix)
@@ -76,35 +103,55 @@ class ProbeService:
     async def measure(self, item: ProbeInput) -> ProbeOutcome:
         start = time.perf_counter()
         key = self.key(item)
-        if self.cache is not None:
-            cached = await self.cache.get(key)
-            if cached is not None:
-                return self._done(ProbeOutcome(cached, "hit", time.perf_counter() - start))
-        state: CacheState = "miss" if self.cache is not None else "off"
         flight = self._flights.get(key)
-        if flight is not None:  # the same prompt is being probed right now: wait for it
+        if flight is not None:  # the same prompt is being looked up or probed: wait for it
             await flight.done.wait()
-            return self._done(
-                ProbeOutcome(flight.result, state, time.perf_counter() - start, flight.error)
-            )
-        flight = self._flights[key] = _Flight()
+            return self._finish(flight.result, flight.cache, start, flight.error)
+        flight = self._flights[key] = _Flight("miss" if self.cache is not None else "off")
         try:
-            flight.result, flight.error = await self._run(item)
-            if flight.result is not None and self.cache is not None:
-                await self.cache.set(key, flight.result)
+            if self.cache is not None:
+                flight.result = await self.cache.get(key)
+                if flight.result is not None:
+                    flight.cache = "hit"
+            if flight.result is None:
+                flight.result, flight.error = await self._run(item)
+                if flight.result is not None and self.cache is not None:
+                    await self.cache.set(key, flight.result)
         finally:
+            if flight.result is None and flight.error is None:  # its owner was cancelled
+                flight.error = "cancelled"
             flight.done.set()
             del self._flights[key]
-        return self._done(
-            ProbeOutcome(flight.result, state, time.perf_counter() - start, flight.error)
-        )
+        return self._finish(flight.result, flight.cache, start, flight.error)
+
+    def _finish(
+        self, result: ProbeResult | None, cache: CacheState, start: float, error: str | None
+    ) -> ProbeOutcome:
+        if result is not None and self.calibration is not None:
+            result = self.calibration.with_percentile(result)
+        return self._done(ProbeOutcome(result, cache, time.perf_counter() - start, error))
+
+    def _measure_batch(self, items: Sequence[ProbeInput]) -> list[ProbeResult | BaseException]:
+        """One forward pass over ``items`` (worker thread). An input the probe cannot read
+        fails alone: the batch is then measured item by item."""
+        self.passes += 1
+        try:
+            return list(self.probe.measure(items, batch_size=len(items)))
+        except ProbeError:
+            if len(items) == 1:
+                raise
+        out: list[ProbeResult | BaseException] = []
+        for item in items:
+            try:
+                out.append(self.probe.measure_one(item))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     async def _run(self, item: ProbeInput) -> tuple[ProbeResult | None, str | None]:
         try:
             with anyio.fail_after(self.timeout_s):
-                result = await anyio.to_thread.run_sync(
-                    self.probe.measure_one, item, limiter=self._limiter, abandon_on_cancel=True
-                )
+                result = await self.batcher.submit(item)
         except TimeoutError:
             logger.warning("probe missed its %.2f s deadline", self.timeout_s)
             return None, "timeout"
@@ -114,9 +161,12 @@ class ProbeService:
         except Exception:
             logger.exception("probe failed")
             return None, "model"
-        if self.calibration is not None:
-            result = self.calibration.with_percentile(result)
         return result, None
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
 
     def _done(self, outcome: ProbeOutcome) -> ProbeOutcome:
         if self._on_measured is not None:

@@ -17,9 +17,9 @@ from probes.probe import SparsityProbe
 from router.backends.base import Backend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend
-from router.cache import MemoryCache
+from router.cache import MemoryCache, RedisCache, TieredCache
 from router.metrics import GatewayMetrics
-from router.probing import ProbeService
+from router.probing import BatchingConfig, ProbeService
 
 __all__ = ["GatewayState", "build_state"]
 
@@ -49,6 +49,11 @@ class GatewayState:
         return matched
 
     async def aclose(self) -> None:
+        if self.probe is not None:
+            try:
+                await self.probe.aclose()
+            except Exception:
+                logger.exception("closing the probe service failed")
         for backend in self.backends.values():
             try:
                 await backend.aclose()
@@ -80,15 +85,35 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         path = settings.calibration_path()
         if path is not None:
             calibration = Calibration.load(path, expect_fingerprint=probe.fingerprint())
-        memory = settings.cache.memory
-        cache = MemoryCache(memory.max_entries, memory.ttl_s) if memory.max_entries > 0 else None
+        batching = settings.probe.batching
         service = ProbeService(
             probe,
             calibration=calibration,
-            cache=cache,
+            cache=None,
             timeout_s=settings.probe.timeout_s,
             on_measured=metrics.record_probe,
+            batching=BatchingConfig(batching.max_batch, batching.window_ms / 1000)
+            if batching.enabled
+            else None,
         )
+        memory, redis = settings.cache.memory, settings.cache.redis
+        service.cache = TieredCache(
+            MemoryCache(memory.max_entries, memory.ttl_s, on_event=metrics.record_cache)
+            if memory.max_entries > 0
+            else None,
+            RedisCache(
+                redis.url,
+                fingerprint=service.fingerprint_digest,
+                ttl_s=redis.ttl_s,
+                timeout_s=redis.timeout_s,
+                key_prefix=redis.key_prefix,
+                on_event=metrics.record_cache,
+            )
+            if redis is not None
+            else None,
+        )
+        if service.cache.memory is None and service.cache.redis is None:
+            service.cache = None
 
     backends: dict[str, Backend] = {}
     loaded_cache: dict[str, LoadedModel] = {}
