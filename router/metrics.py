@@ -40,6 +40,9 @@ class GatewayMetrics:
     upstream_seconds: Histogram
     ttft_seconds: Histogram
     fallbacks: Counter
+    rate_limited: Counter
+    rate_limit_redis_errors: Counter
+    config_reloads: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -86,6 +89,20 @@ class GatewayMetrics:
                 "router_fallbacks",
                 "Requests answered by a fallback after a backend failed",
                 ["failed", "answered"],
+                registry=r,
+            ),
+            rate_limited=Counter(
+                "router_rate_limited", "Requests refused with a 429", ["caller"], registry=r
+            ),
+            rate_limit_redis_errors=Counter(
+                "router_rate_limit_redis_errors",
+                "Rate-limit Redis calls that failed (the request was limited in memory)",
+                registry=r,
+            ),
+            config_reloads=Counter(
+                "router_config_reloads",
+                "Configuration reloads (SIGHUP, POST /admin/reload), by result",
+                ["result"],
                 registry=r,
             ),
         )
