@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from policies.schema import Settings
 from probes.probe import SparsityProbe
 from router.errors import envelope
+from router.openapi import openapi_endpoint
 from router.routes import admin
 from router.routes.openai import CompletionsEndpoint, RouteEndpoint
 from router.routes.reload import reload_app, reload_endpoint
@@ -178,6 +179,7 @@ def create_app(
         Route("/readyz", admin.readyz, methods=["GET"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
         Route("/admin/reload", reload_endpoint, methods=["POST"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
