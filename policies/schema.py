@@ -138,6 +138,37 @@ class ServerSettings(_Model):
     request_timeout_s: float = Field(600.0, gt=0, description="whole-request deadline")
 
 
+class ApiKey(_Model):
+    """One scoped key. ``key`` is the key itself (or ``${ENV}``), or ``sha256:<64 hex>`` of it."""
+
+    key: str = Field(min_length=1, repr=False)
+    scope: Literal["client", "reviewer", "admin"] = "client"
+    name: str | None = Field(None, description="shown in logs, metrics and rate limits")
+
+    @field_validator("key")
+    @classmethod
+    def _hashed_form(cls, v: str) -> str:
+        v = v.strip()
+        if v.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", v):
+            raise ValueError(
+                "a hashed key is 'sha256:' followed by 64 hex digits "
+                "(python -c \"import hashlib;print(hashlib.sha256(b'KEY').hexdigest())\")"
+            )
+        return v
+
+
+class RateLimitSettings(_Model):
+    """A token bucket per API key (per client address without keys): ``requests_per_s`` refill,
+    ``burst`` capacity. In Redis when ``redis_url`` or ``cache.redis`` is set, else in memory."""
+
+    requests_per_s: float = Field(gt=0)
+    burst: int = Field(1, ge=1)
+    redis_url: str | None = None
+    per_key: dict[str, float] = Field(
+        default_factory=dict, description="key name -> requests_per_s override"
+    )
+
+
 class AuthSettings(_Model):
     """API keys clients must send as ``Authorization: Bearer KEY``.
 
@@ -160,9 +191,22 @@ class AuthSettings(_Model):
     def _no_blank(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(k for k in v if k)
 
+    keys: tuple[ApiKey, ...] = Field(
+        (), description="scoped keys: plain, ${ENV} or sha256:<hex>; api_keys are client keys"
+    )
+    rate_limit: RateLimitSettings | None = None
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _drop_empty_keys(cls, v: Any) -> Any:
+        # ``key: "${ROUTER_ADMIN_KEY:-}"`` with the variable unset drops the entry.
+        if isinstance(v, list | tuple):
+            return tuple(k for k in v if not (isinstance(k, dict) and k.get("key") == ""))
+        return v
+
     @property
     def enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys) or bool(self.keys)
 
 
 class BatchingSettings(_Model):

@@ -8,10 +8,14 @@ generic 500 envelope.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import State
@@ -24,8 +28,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from policies.schema import Settings
 from probes.probe import SparsityProbe
 from router.errors import envelope
+from router.openapi import openapi_endpoint
 from router.routes import admin
 from router.routes.openai import CompletionsEndpoint, RouteEndpoint
+from router.routes.reload import reload_app, reload_endpoint
 from router.state import build_state
 
 __all__ = ["GatewayApp", "create_app"]
@@ -117,13 +123,40 @@ class GatewayApp:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings, *, probe: SparsityProbe | None = None) -> GatewayApp:
-    """Build the gateway. ``probe`` lets a caller share an already loaded probe (tests, CLI)."""
+def _install_sighup(app: Starlette) -> bool:
+    """Reload the config file on SIGHUP (main thread of a Unix process only)."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[object]] = set()
+
+    def on_sighup() -> None:
+        logger.info("SIGHUP: reloading the config file")
+        task: asyncio.Task[object] = loop.create_task(reload_app(app))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return False  # not the main thread (tests' server threads), or no SIGHUP (Windows)
+    return True
+
+
+def create_app(
+    settings: Settings,
+    *,
+    probe: SparsityProbe | None = None,
+    config_path: str | Path | None = None,
+) -> GatewayApp:
+    """Build the gateway. ``probe`` lets a caller share an already loaded probe (tests, CLI);
+    ``config_path`` is the file ``SIGHUP`` and ``POST /admin/reload`` re-read."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state = await anyio.to_thread.run_sync(lambda: build_state(settings, probe=probe))
         app.state.gateway = state
+        app.state.config_path = Path(config_path) if config_path is not None else None
+        app.state.reload_lock = anyio.Lock()
+        sighup = config_path is not None and _install_sighup(app)
         logger.info(
             "gateway ready: backends %s, virtual models %s",
             ", ".join(state.backends),
@@ -132,7 +165,9 @@ def create_app(settings: Settings, *, probe: SparsityProbe | None = None) -> Gat
         try:
             yield
         finally:
-            await state.aclose()
+            if sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await app.state.gateway.aclose()
 
     chat, completions = CompletionsEndpoint("chat/completions"), CompletionsEndpoint("completions")
     routes = [
@@ -143,6 +178,8 @@ def create_app(settings: Settings, *, probe: SparsityProbe | None = None) -> Gat
         Route("/healthz", admin.healthz, methods=["GET"]),
         Route("/readyz", admin.readyz, methods=["GET"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/admin/reload", reload_endpoint, methods=["POST"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

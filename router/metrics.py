@@ -41,6 +41,9 @@ class GatewayMetrics:
     ttft_seconds: Histogram
     fallbacks: Counter
     cache_lookups: Counter
+    rate_limited: Counter
+    rate_limit_redis_errors: Counter
+    config_reloads: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -95,6 +98,20 @@ class GatewayMetrics:
                 "(a foreign or corrupt value), error (Redis failed or timed out), skipped "
                 "(Redis down, waiting before the next try)",
                 ["tier", "result"],
+                registry=r,
+            ),
+            rate_limited=Counter(
+                "router_rate_limited", "Requests refused with a 429", ["caller"], registry=r
+            ),
+            rate_limit_redis_errors=Counter(
+                "router_rate_limit_redis_errors",
+                "Rate-limit Redis calls that failed (the request was limited in memory)",
+                registry=r,
+            ),
+            config_reloads=Counter(
+                "router_config_reloads",
+                "Configuration reloads (SIGHUP, POST /admin/reload), by result",
+                ["result"],
                 registry=r,
             ),
         )

@@ -31,7 +31,7 @@ def run_server(config: str | None, host: str | None, port: int | None, log_level
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    app = create_app(settings, config_path=path)
     uvicorn.run(
         app,
         host=host or settings.server.host,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 from dataclasses import dataclass, field
@@ -14,12 +13,15 @@ from policies.schema import Settings
 from probes.calibration import Calibration
 from probes.model import LoadedModel, load_model
 from probes.probe import SparsityProbe
+from router.auth import Caller, KeyRing
+from router.auth import Scope as KeyScope
 from router.backends.base import Backend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend
 from router.cache import MemoryCache, RedisCache, TieredCache
 from router.metrics import GatewayMetrics
 from router.probing import BatchingConfig, ProbeService
+from router.ratelimit import RateLimiter, build_rate_limiter
 
 __all__ = ["GatewayState", "build_state"]
 
@@ -35,20 +37,21 @@ class GatewayState:
     probe: ProbeService | None
     direct_models: dict[str, str] = field(default_factory=dict)  # model name -> backend
     api_keys: tuple[bytes, ...] = ()
+    keys: KeyRing = field(default_factory=KeyRing)
+    rate_limiter: RateLimiter | None = None
 
     def authorized(self, header: bytes | None) -> bool:
-        if not self.api_keys:
-            return True
-        if header is None or not header.lower().startswith(b"bearer "):
-            return False
-        given = header[7:].strip()
-        # Compare against every key so the time taken does not reveal which one matched.
-        matched = False
-        for key in self.api_keys:
-            matched |= hmac.compare_digest(given, key)
-        return matched
+        """Whether ``header`` carries a client-scoped (or admin) key; True with auth off."""
+        entry = self.keys.identify(header)
+        return not self.keys.enabled or (entry is not None and entry.scope in ("client", "admin"))
+
+    def caller(self, header: bytes | None, scope: KeyScope, fallback_name: str = "") -> Caller:
+        """Who calls (for logs and rate limits); 401/403 per :meth:`KeyRing.check`."""
+        return self.keys.check(header, scope, fallback_name=fallback_name)
 
     async def aclose(self) -> None:
+        if self.rate_limiter is not None:
+            await self.rate_limiter.aclose()
         if self.probe is not None:
             try:
                 await self.probe.aclose()
@@ -161,4 +164,10 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         probe=service,
         direct_models=direct,
         api_keys=tuple(k.encode() for k in settings.auth.api_keys),
+        keys=KeyRing.from_settings(settings.auth),
+        rate_limiter=build_rate_limiter(
+            settings.auth.rate_limit,
+            settings.cache.redis.url if settings.cache.redis is not None else None,
+            on_redis_error=metrics.rate_limit_redis_errors.inc,
+        ),
     )

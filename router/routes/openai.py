@@ -26,11 +26,11 @@ from router.errors import (
     HTTPError,
     NotFound,
     PayloadTooLarge,
-    Unauthorized,
     UpstreamError,
     UpstreamStatus,
     envelope,
 )
+from router.guard import admit
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest, parse_request
 from router.state import GatewayState
@@ -182,12 +182,7 @@ async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _R
 async def _authorize_and_parse(
     state: GatewayState, scope: Scope, receive: Receive, endpoint: Endpoint
 ) -> ParsedRequest:
-    if not state.authorized(_header(scope, b"authorization")):
-        raise Unauthorized(
-            "missing or invalid API key: send 'Authorization: Bearer KEY' with a key from "
-            "auth.api_keys",
-            code="invalid_api_key",
-        )
+    await admit(state, scope, "client")
     raw = await read_body(receive, state.settings.server.max_body_bytes)
     return parse_request(endpoint, raw)
 

@@ -1,0 +1,157 @@
+"""The gateway's OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+Written by hand, and as lenient as the gateway: a request schema names only the fields routing
+reads (``model``, ``messages`` / ``prompt``, ``stream``, ``user``, ``metadata``) and allows any
+other field, because the body is forwarded to the backend unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+__all__ = ["openapi_document", "openapi_endpoint"]
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"type": "string", "minLength": 1},
+        "content": {"type": ["string", "array", "null"]},
+    },
+    "additionalProperties": True,
+}
+
+_COMMON = {
+    "model": {"type": "string", "minLength": 1, "description": "a virtual or direct model"},
+    "stream": {"type": ["boolean", "null"]},
+    "user": {"type": "string"},
+    "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+_CHAT = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {**_COMMON, "messages": {"type": "array", "minItems": 1, "items": _MESSAGE}},
+    "additionalProperties": True,
+}
+
+_COMPLETION = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        **_COMMON,
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    },
+    "additionalProperties": True,
+}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {
+        str(s): {
+            "description": "an OpenAI error envelope",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for s in statuses
+    }
+
+
+_CLIENT_ERRORS = (400, 401, 403, 404, 413, 422, 429)
+_UPSTREAM_ERRORS = (502, 503, 504)
+
+
+def _post(summary: str, schema: str, *, stream: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string"}}
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}, {}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
+                },
+            },
+            "responses": {
+                "200": {"description": "the backend's answer, untouched", "content": content},
+                **_errors(*_CLIENT_ERRORS, *_UPSTREAM_ERRORS),
+            },
+        }
+    }
+
+
+def _get(summary: str, *statuses: int) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **_errors(*statuses),
+            },
+        }
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sparsity-router",
+            "version": "1",
+            "description": "An OpenAI-compatible gateway that routes by activation sparsity.",
+        },
+        "paths": {
+            "/v1/chat/completions": _post("Chat completion, routed", "ChatRequest", stream=True),
+            "/v1/completions": _post("Text completion, routed", "CompletionRequest", stream=True),
+            "/v1/route": _post(
+                "The routing decision, without dispatch", "ChatRequest", stream=False
+            ),
+            "/v1/models": _get("Virtual and direct models", 401, 403),
+            "/healthz": _get("Liveness"),
+            "/readyz": _get("Readiness", 503),
+            "/admin/reload": {
+                "post": {
+                    "summary": "Re-read the config file (admin scope)",
+                    "security": [{"bearer": []}],
+                    "responses": {
+                        "200": {"description": "reloaded"},
+                        **_errors(401, 403, 404, 422, 429),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {"Error": _ERROR, "ChatRequest": _CHAT, "CompletionRequest": _COMPLETION},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    return Response(json.dumps(openapi_document()), media_type="application/json")
