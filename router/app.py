@@ -25,6 +25,7 @@ from policies.schema import Settings
 from probes.probe import SparsityProbe
 from router.errors import envelope
 from router.routes import admin
+from router.routes.feedback import FeedbackEndpoint
 from router.routes.openai import CompletionsEndpoint, RouteEndpoint
 from router.state import build_state
 
@@ -139,6 +140,7 @@ def create_app(settings: Settings, *, probe: SparsityProbe | None = None) -> Gat
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/route", RouteEndpoint(), methods=["POST"]),
+        Route("/v1/feedback", FeedbackEndpoint(), methods=["POST"]),
         Route("/v1/models", admin.models, methods=["GET"]),
         Route("/healthz", admin.healthz, methods=["GET"]),
         Route("/readyz", admin.readyz, methods=["GET"]),

@@ -40,6 +40,8 @@ class GatewayMetrics:
     upstream_seconds: Histogram
     ttft_seconds: Histogram
     fallbacks: Counter
+    events_written: Counter
+    events_dropped: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -86,6 +88,15 @@ class GatewayMetrics:
                 "router_fallbacks",
                 "Requests answered by a fallback after a backend failed",
                 ["failed", "answered"],
+                registry=r,
+            ),
+            events_written=Counter(
+                "router_events_written", "Event records written to the sink", registry=r
+            ),
+            events_dropped=Counter(
+                "router_events_dropped",
+                "Event records dropped: queue_full (the writer fell behind) or sink_error",
+                ["reason"],
                 registry=r,
             ),
         )

@@ -7,6 +7,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import anyio.to_thread
+
 from policies.engine import PolicyEngine
 from policies.schema import LocalBackend as LocalBackendSettings
 from policies.schema import OpenAIBackend as OpenAIBackendSettings
@@ -18,6 +20,7 @@ from router.backends.base import Backend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend
 from router.cache import MemoryCache
+from router.events import EventLog, open_sink
 from router.metrics import GatewayMetrics
 from router.probing import ProbeService
 
@@ -35,6 +38,7 @@ class GatewayState:
     probe: ProbeService | None
     direct_models: dict[str, str] = field(default_factory=dict)  # model name -> backend
     api_keys: tuple[bytes, ...] = ()
+    events: EventLog | None = None
 
     def authorized(self, header: bytes | None) -> bool:
         if not self.api_keys:
@@ -49,6 +53,9 @@ class GatewayState:
         return matched
 
     async def aclose(self) -> None:
+        if self.events is not None:
+            events = self.events
+            await anyio.to_thread.run_sync(events.close)
         for backend in self.backends.values():
             try:
                 await backend.aclose()
@@ -58,6 +65,26 @@ class GatewayState:
 
 def _probe_needed(settings: Settings, engine: PolicyEngine) -> bool:
     return any(engine.needs_probe(name) for name in settings.policies)
+
+
+def _event_log(settings: Settings, metrics: GatewayMetrics) -> EventLog | None:
+    events = settings.events
+    if events is None or events.sink == "none":
+        return None
+    sink = open_sink(
+        events.sink,
+        path=settings.resolve_path(events.path),
+        redis_url=events.redis_url,
+        stream=events.stream,
+        max_len=events.max_len,
+    )
+    return EventLog(
+        sink,
+        queue_size=events.queue_size,
+        batch_size=events.batch_size,
+        on_drop=lambda reason, n: metrics.events_dropped.labels(reason).inc(n),
+        on_written=metrics.events_written.inc,
+    )
 
 
 def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> GatewayState:
@@ -129,6 +156,7 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
             for model in backend.model_names():
                 direct.setdefault(model, name)
     return GatewayState(
+        events=_event_log(settings, metrics),
         settings=settings,
         engine=engine,
         backends=backends,
