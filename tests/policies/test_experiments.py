@@ -201,3 +201,16 @@ def test_two_processes_assign_identical_arms() -> None:
     here = [assign(experiment(), f"key-{i}").arm for i in range(3000)]
     assert outputs[0] == outputs[1] == here
     assert set(here) == {"control", "cheap", "other"}
+
+
+def test_ab_example_config_loads() -> None:
+    from policies.loader import load_settings
+
+    path = ROOT / "config" / "examples" / "ab-experiment.yaml"
+    s = load_settings(path, env={})
+    (exp,) = s.experiments
+    assert exp.control_arm.name == "large-30" and exp.enabled
+    assert s.events is not None and s.events.sink == "sqlite"
+    assert s.resolve_path(s.events.path) == path.parent / "events.sqlite"
+    large = s.backends["large"]
+    assert large.price is not None and large.price.cost(1_000_000, 0) == 2.5  # type: ignore[union-attr]
