@@ -8,7 +8,8 @@ Records are plain JSON-able dicts with a ``kind``:
 - ``feedback``: ``request_id, time, score, label`` (from ``POST /v1/feedback``).
 
 The request path calls :meth:`EventLog.record`, a non-blocking ``put_nowait`` on a bounded
-queue; one writer thread takes batches off it and hands them to the sink:
+queue; one writer thread takes batches off it (waiting ``linger_s`` after the first record of a
+batch so that a batch can gather) and hands them to the sink:
 
 - :class:`SQLiteSink`: tables ``requests`` and ``feedback`` in a WAL-mode file;
 - :class:`JSONLSink`: one JSON object per line, appended;
@@ -251,9 +252,11 @@ class EventLog:
         on_drop: OnDrop = _ignore,
         on_written: Callable[[int], None] | None = None,
         remember: int = 100_000,
+        linger_s: float = 0.05,
     ) -> None:
         self.sink = sink
         self.batch_size = batch_size
+        self.linger_s = linger_s
         self._queue: queue.Queue[Record] = queue.Queue(maxsize=queue_size)
         self._on_drop = on_drop
         self._on_written = on_written
@@ -310,6 +313,9 @@ class EventLog:
                 if self._closing.is_set():
                     return
                 continue
+            if self.linger_s > 0 and self._queue.qsize() < self.batch_size:
+                # Let a batch gather: one transaction per batch, not per request.
+                self._closing.wait(self.linger_s)
             batch = [first]
             while len(batch) < self.batch_size:
                 try:

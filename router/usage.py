@@ -20,6 +20,7 @@ from typing import Any
 __all__ = ["Usage", "UsageTap", "client_wants_usage", "request_usage", "usage_of_body"]
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')  # not `"usage": null` (OpenAI sends it per chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +86,15 @@ class UsageTap:
 
     def feed(self, chunk: bytes) -> bytes:
         """Scan ``chunk``; return the bytes to send on now."""
+        if not self._pending and chunk.endswith(b"\n\n") and not _USAGE_OBJECT.search(chunk):
+            return chunk  # whole events without usage: the common case, nothing to hold back
         data = self._pending + chunk
         out: list[bytes] = []
         pos = 0
         for end in _EVENT_END.finditer(data):
             event = data[pos : end.end()]
             pos = end.end()
-            if b'"usage"' in event and self._read(event) and self.strip:
+            if _USAGE_OBJECT.search(event) and self._read(event) and self.strip:
                 continue
             if self.strip:
                 out.append(event)
@@ -101,7 +104,7 @@ class UsageTap:
     def flush(self) -> bytes:
         """What is held back at the end of the stream (an unterminated last event)."""
         rest, self._pending = self._pending, b""
-        if rest and b'"usage"' in rest:
+        if rest and _USAGE_OBJECT.search(rest):
             usage_only = self._read(rest)
             if usage_only and self.strip:
                 return b""
