@@ -678,7 +678,7 @@ class EventsSettings(_Model):
     """
 
     sink: Literal["sqlite", "jsonl", "redis", "none"] = "sqlite"
-    path: str = "events.sqlite"
+    path: str = Field("events.sqlite", description="default for jsonl: events.jsonl")
     redis_url: str | None = None
     stream: str = "sparsity-router:events"
     max_len: int = Field(100_000, ge=1)
@@ -689,6 +689,13 @@ class EventsSettings(_Model):
         description="streams: inject: ask upstream for usage and strip the usage-only chunk "
         "the client did not ask for; passive: record tokens only when the client asked",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_path(cls, v: Any) -> Any:
+        if isinstance(v, Mapping) and "path" not in v and v.get("sink") == "jsonl":
+            return {**v, "path": "events.jsonl"}
+        return v
 
     @field_validator("redis_url")
     @classmethod

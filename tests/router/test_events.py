@@ -160,3 +160,11 @@ def test_redis_stream_is_trimmed(redis_server: Any) -> None:
     records = list(sink.read())
     assert len(records) == length and records[-1]["request_id"] == "r1999"
     sink.close()
+
+
+def test_events_settings_defaults() -> None:
+    from policies.schema import EventsSettings
+
+    assert EventsSettings().path == "events.sqlite"
+    assert EventsSettings(sink="jsonl").path == "events.jsonl"
+    assert EventsSettings.model_validate({"sink": "jsonl", "path": "x.log"}).path == "x.log"
