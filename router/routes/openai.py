@@ -261,9 +261,12 @@ class CompletionsEndpoint:
         finally:
             state.metrics.requests.labels(backend_name, rule, str(status)).inc()
             if state.events is not None:
-                state.events.record(
-                    trace.record(state, self.endpoint, routed, backend_name, status, start)
-                )
+                try:
+                    state.events.record(
+                        trace.record(state, self.endpoint, routed, backend_name, status, start)
+                    )
+                except Exception:  # an event is never worth a failed request
+                    logger.exception("building the event record failed")
 
     async def _answer(
         self,

@@ -327,3 +327,28 @@ def test_a_failing_sink_does_not_fail_requests(
     assert 'router_events_dropped_total{reason="sink_error"} 10.0' in metrics
     failed = [r for r in caplog.records if "dropping events until it recovers" in r.getMessage()]
     assert len(failed) == 1
+
+
+def test_stream_cut_mid_way_with_usage_injected(
+    start: Start, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    for fake, _server in upstreams.values():
+        fake.mode = "cut"
+    gw = start()
+    body = {
+        "model": "auto",
+        "user": "erin",
+        "stream": True,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=20) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-router-request-id"]
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: ") :])["error"]["code"] == "upstream_stream_error"
+    assert len(events) == 4  # two content chunks, the error, [DONE]
+    gw.stop()
+    (record,) = rows(tmp_path / "events.sqlite")
+    assert record["request_id"] == rid and record["prompt_tokens"] is None
+    assert record["stream"] == 1 and record["ttft_s"] is not None
