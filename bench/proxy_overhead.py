@@ -211,7 +211,9 @@ def serve_upstream(port: int) -> None:
 
 
 # -- the gateway under test --------------------------------------------------------------------
-def gateway_yaml(port: int, upstream: str, key: str, calibration: Path) -> str:
+def gateway_yaml(
+    port: int, upstream: str, key: str, calibration: Path, events: str | None = None
+) -> str:
     backend = (
         '{{type: openai, base_urls: ["{url}/v1"], model: {model}, max_connections: 256, '
         "timeouts: {{connect_s: 5, read_s: 30, total_s: 60}}}}"
@@ -233,10 +235,12 @@ policies:
       - {{name: sparse, when: {{share: 0.3}}, route: large}}
     default: small
     on_probe_error: large
-"""
+""" + (f"events: {{sink: {events}, path: events.{events}}}\n" if events else "")
 
 
-def serve_gateway(port: int, upstream: str, key: str, workdir: Path) -> None:
+def serve_gateway(
+    port: int, upstream: str, key: str, workdir: Path, events: str | None = None
+) -> None:
     """Load the real default probe, fit a calibration on ``prompts()``, serve the gateway.
 
     uvicorn options as in ``sparsity-router serve`` (router/serve.py: run_server).
@@ -252,7 +256,7 @@ def serve_gateway(port: int, upstream: str, key: str, workdir: Path) -> None:
     results = probe.measure(prompts())
     calibration = Calibration.fit(results, probe.fingerprint(), min_per_bucket=20)
     path = calibration.save(workdir / "calibration.json")
-    text = gateway_yaml(port, upstream, key, path)
+    text = gateway_yaml(port, upstream, key, path, events)
     settings = parse_settings(text, source_name="proxy_overhead.yaml", base_dir=workdir)
     uvicorn.run(
         create_app(settings, probe=probe),
@@ -744,6 +748,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' log folder")
+    parser.add_argument(
+        "--events",
+        choices=["sqlite", "jsonl"],
+        help="also measure a second gateway (router+events) that records every request to "
+        "this event sink",
+    )
     # internal: run one server (the benchmark starts each in its own process)
     parser.add_argument("--serve", choices=["upstream", "gateway"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -845,6 +855,35 @@ def bench(args: argparse.Namespace) -> int:
                     _pid(gateway),
                 ),
             ]
+            if args.events:
+                print(f"starting sparsity-router with {args.events} events ...")
+                port = free_port()
+                evdir = workdir / "events"
+                evdir.mkdir()
+                with_events = Server(
+                    "router+events",
+                    [
+                        *(*me, "--serve", "gateway", "--port", str(port)),
+                        *("--upstream", upstream.url, "--key", key, "--workdir", str(evdir)),
+                        *("--events", args.events),
+                    ],
+                    port,
+                    "/healthz",
+                    workdir / "gateway-events.log",
+                )
+                stack.enter_context(running(with_events, START_TIMEOUT_S))
+                targets.append(
+                    Target(
+                        "router+events",
+                        with_events.url + chat,
+                        "auto",
+                        key,
+                        True,
+                        True,
+                        _pid(with_events),
+                    )
+                )
+                names.append("router+events")
             if exe is not None:
                 print("starting LiteLLM ...")
                 litellm = litellm_server(exe, upstream, key, workdir)
@@ -918,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_upstream(args.port)
         return 0
     if args.serve == "gateway":
-        serve_gateway(args.port, args.upstream, args.key, args.workdir)
+        serve_gateway(args.port, args.upstream, args.key, args.workdir, args.events)
         return 0
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     return bench(args)

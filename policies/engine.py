@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from policies.errors import PolicyError
+from policies.experiments import ExperimentRouter
 from policies.schema import Condition, Settings
 from probes.probe import ProbeResult
 
@@ -80,6 +81,8 @@ class Decision:
     policy: str
     reason: str
     probe_error: bool = False
+    experiment: str | None = None  # the A/B experiment and arm that chose ``policy``
+    arm: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,7 @@ class PolicyEngine:
         }
         self._policies = {name: self._compile(name) for name in settings.policies}
         self._direct = settings.direct_models()
+        self.experiments = ExperimentRouter(settings.experiments)
 
     # -- compilation -------------------------------------------------------------------------
 

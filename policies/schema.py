@@ -11,7 +11,10 @@ Sections (every model forbids unknown keys)::
     backends:        name -> openai | local | human            (discriminated on `type`)
     virtual_models:  model name -> {policy}                    (default: auto -> default)
     policies:        name -> {rules, default, on_probe_error}
-    experiments, escalation, events:  format fixed, content rejected until they are implemented
+    experiments:     A/B tests: [{name, model, key, arms: [{name, policy, weight}], control,
+                     enabled}]
+    events:          per-request records -> sink (sqlite | jsonl | redis | none)
+    escalation:      format fixed, content rejected until it is implemented
 
 A rule is ``{name, when: Condition, route: backend, fallback: [backends]}``; the conditions of a
 ``when`` are ANDed. ``share: s`` hands the rule the sparsest ``s`` of reference traffic,
@@ -68,6 +71,7 @@ __all__ = [
     "OpenAIBackend",
     "PercentileBand",
     "Policy",
+    "Price",
     "ProbeSection",
     "RedisCacheSettings",
     "Rule",
@@ -286,6 +290,21 @@ class Timeouts(_Model):
     total_s: float = Field(600.0, gt=0, description="whole upstream request")
 
 
+class Price(_Model):
+    """What a backend costs, per million tokens (any currency; the report just adds it up)."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+        """The cost of one request, or None when its token counts are unknown."""
+        if prompt_tokens is None or completion_tokens is None:
+            return None
+        return (
+            prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+        ) / 1e6
+
+
 class OpenAIBackend(_Model):
     """An OpenAI-compatible server (vLLM, TGI, llama.cpp, OpenAI itself) behind one or more URLs.
 
@@ -301,6 +320,7 @@ class OpenAIBackend(_Model):
     max_connections: int = Field(100, ge=1)
     fallback: tuple[str, ...] = ()
     models: tuple[str, ...] = Field((), description="model names served by direct pass-through")
+    price: Price | None = Field(None, description="per million tokens, for event costs")
 
     @field_validator("base_urls", mode="before")
     @classmethod
@@ -346,6 +366,7 @@ class LocalBackend(_Model):
         True, description="reuse the probe's loaded weights when the model is the probe's"
     )
     fallback: tuple[str, ...] = ()
+    price: Price | None = Field(None, description="per million tokens, for event costs")
 
     @field_validator("fallback", mode="before")
     @classmethod
@@ -624,22 +645,31 @@ class VirtualModel(_Model):
     policy: str
 
 
-# -- not available yet: the format is fixed, content is rejected --------------------------------
+# -- experiments, escalation, events ----------------------------------------------------------
 
 
 class ExperimentArm(_Model):
+    """One arm of an experiment: the policy its requests are routed by, and its share."""
+
     name: str
     policy: str
     weight: float = Field(gt=0, le=1)
 
 
 class Experiment(_Model):
-    """An A/B test: requests for ``model`` are split between arms by a sticky hash of ``key``."""
+    """An A/B test: requests for ``model`` are split between arms by a sticky hash of ``key``.
+
+    ``key``: ``user`` (the request's ``user`` field), ``api_key`` (the client's bearer key) or
+    ``header:<name>``. A request without the key goes to the ``control`` arm (default: the
+    first arm), and so does every request while ``enabled`` is false (the kill switch).
+    """
 
     name: str
     model: str = "auto"
     key: str = Field("user", description="user | api_key | header:<name>")
-    arms: tuple[ExperimentArm, ...] = Field(min_length=2)
+    arms: tuple[ExperimentArm, ...]
+    control: str | None = Field(None, description="arm for keyless requests; default: first")
+    enabled: bool = Field(True, description="false: the kill switch, everyone gets control")
 
     @field_validator("key")
     @classmethod
@@ -650,10 +680,38 @@ class Experiment(_Model):
 
     @model_validator(mode="after")
     def _weights(self) -> Experiment:
+        problems: list[tuple[Loc, str]] = []
+        if len(self.arms) < 2:
+            problems.append((("arms",), "give at least two arms (a control and a treatment)"))
+        seen: dict[str, int] = {}
+        for i, arm in enumerate(self.arms):
+            if arm.name in seen:
+                problems.append(
+                    (
+                        ("arms", i, "name"),
+                        f"duplicate arm name {arm.name!r} (see arms[{seen[arm.name]}])",
+                    )
+                )
+            seen.setdefault(arm.name, i)
         total = math.fsum(a.weight for a in self.arms)
         if abs(total - 1) > 1e-6:
-            raise ValueError(f"arm weights add up to {total:g}; they must add up to 1")
+            terms = " + ".join(f"{a.weight:g}" for a in self.arms)
+            problems.append(
+                (("arms",), f"arm weights add up to {total:g} ({terms}); they must add up to 1")
+            )
+        if self.control is not None and self.control not in seen:
+            problems.append((("control",), f"unknown arm {self.control!r}; arms: {_names(seen)}"))
+        if problems:
+            raise SchemaProblems(problems)
         return self
+
+    @property
+    def control_arm(self) -> ExperimentArm:
+        """The arm keyless requests (and everyone, when ``enabled`` is false) go to."""
+        for arm in self.arms:
+            if arm.name == self.control:
+                return arm
+        return self.arms[0]
 
 
 class EscalationSettings(_Model):
@@ -667,13 +725,48 @@ class EscalationSettings(_Model):
 
 
 class EventsSettings(_Model):
-    """One record per request (decision, score, latency, tokens, status) written to a sink."""
+    """One record per request (decision, score, latency, tokens, status, cost) written to a sink.
 
-    sink: Literal["sqlite", "redis", "none"] = "sqlite"
-    path: str = "events.sqlite"
+    ``sink``: ``sqlite`` (the file ``path``), ``jsonl`` (the file ``path``), ``redis`` (a stream
+    ``stream`` at ``redis_url``, trimmed to about ``max_len`` entries) or ``none``. Records go
+    through a bounded in-memory queue of ``queue_size`` to a writer thread; a full queue or a
+    failing sink drops records (counted in ``router_events_dropped``), never a request.
+    """
+
+    sink: Literal["sqlite", "jsonl", "redis", "none"] = "sqlite"
+    path: str = Field("events.sqlite", description="default for jsonl: events.jsonl")
     redis_url: str | None = None
     stream: str = "sparsity-router:events"
     max_len: int = Field(100_000, ge=1)
+    queue_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(256, ge=1, description="records per write")
+    usage: Literal["inject", "passive"] = Field(
+        "inject",
+        description="streams: inject: ask upstream for usage and strip the usage-only chunk "
+        "the client did not ask for; passive: record tokens only when the client asked",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_path(cls, v: Any) -> Any:
+        if isinstance(v, Mapping) and "path" not in v and v.get("sink") == "jsonl":
+            return {**v, "path": "events.jsonl"}
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> EventsSettings:
+        if self.sink == "redis" and not self.redis_url:
+            raise SchemaProblems(
+                [(("redis_url",), "sink 'redis' needs redis_url (e.g. redis://127.0.0.1:6379/0)")]
+            )
+        return self
 
 
 # -- the root ----------------------------------------------------------------------------------
@@ -704,13 +797,6 @@ class Settings(_Model):
 
     _base_dir: Path | None = PrivateAttr(None)
 
-    @field_validator("experiments")
-    @classmethod
-    def _no_experiments(cls, v: tuple[Experiment, ...]) -> tuple[Experiment, ...]:
-        if v:
-            raise ValueError("A/B experiments are not available yet; remove this section")
-        return v
-
     @field_validator("escalation")
     @classmethod
     def _no_escalation(cls, v: EscalationSettings | None) -> EscalationSettings | None:
@@ -718,18 +804,12 @@ class Settings(_Model):
             raise ValueError("human escalation is not available yet; remove this section")
         return None
 
-    @field_validator("events")
-    @classmethod
-    def _no_events(cls, v: EventsSettings | None) -> EventsSettings | None:
-        if v is not None and v.model_fields_set:
-            raise ValueError("event records are not available yet; remove this section")
-        return None
-
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> Settings:
         if info.context and info.context.get("base_dir") is not None:
             self._base_dir = Path(info.context["base_dir"])
         problems = [*self._check_backends(), *self._check_policies(), *self._check_models()]
+        problems += self._check_experiments()
         if problems:
             raise SchemaProblems(problems)
         return self
@@ -906,6 +986,56 @@ class Settings(_Model):
                         (loc, f"model {model!r} is also served by backend {direct[model]!r}")
                     )
                 direct.setdefault(model, name)
+        return problems
+
+    def _check_experiments(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        names: dict[str, int] = {}
+        models: dict[str, int] = {}
+        for i, exp in enumerate(self.experiments):
+            base: Loc = ("experiments", i)
+            if not _NAME.match(exp.name):
+                problems.append(
+                    (
+                        (*base, "name"),
+                        f"bad experiment name {exp.name!r}: use letters, digits, '_', '.' and '-'",
+                    )
+                )
+            elif exp.name in names:
+                problems.append(
+                    (
+                        (*base, "name"),
+                        f"duplicate experiment name {exp.name!r} "
+                        f"(see experiments[{names[exp.name]}])",
+                    )
+                )
+            names.setdefault(exp.name, i)
+            if exp.model not in self.virtual_models:
+                problems.append(
+                    (
+                        (*base, "model"),
+                        f"{exp.model!r} is not a virtual model; "
+                        f"known: {_names(self.virtual_models)}",
+                    )
+                )
+            elif exp.model in models:
+                problems.append(
+                    (
+                        (*base, "model"),
+                        f"virtual model {exp.model!r} already has an experiment "
+                        f"(experiments[{models[exp.model]}]); one experiment per virtual model: "
+                        "set enabled: false on the old one or remove it",
+                    )
+                )
+            models.setdefault(exp.model, i)
+            for j, arm in enumerate(exp.arms):
+                if arm.policy not in self.policies:
+                    problems.append(
+                        (
+                            (*base, "arms", j, "policy"),
+                            f"unknown policy {arm.policy!r}; known: {_names(self.policies)}",
+                        )
+                    )
         return problems
 
     # -- helpers for consumers --------------------------------------------------------------

@@ -30,6 +30,7 @@ from probes.probe import SparsityProbe
 from router.errors import envelope
 from router.openapi import openapi_endpoint
 from router.routes import admin
+from router.routes.feedback import FeedbackEndpoint
 from router.routes.openai import CompletionsEndpoint, RouteEndpoint
 from router.routes.reload import reload_app, reload_endpoint
 from router.state import build_state
@@ -174,6 +175,7 @@ def create_app(
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/route", RouteEndpoint(), methods=["POST"]),
+        Route("/v1/feedback", FeedbackEndpoint(), methods=["POST"]),
         Route("/v1/models", admin.models, methods=["GET"]),
         Route("/healthz", admin.healthz, methods=["GET"]),
         Route("/readyz", admin.readyz, methods=["GET"]),

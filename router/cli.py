@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMANDS",
     "add_calibrate_command",
+    "add_experiments_commands",
     "add_gateway_commands",
     "add_probe_command",
     "build_parser",
@@ -227,11 +228,19 @@ def add_gateway_commands(subparsers: Any) -> None:
     add_check_command(subparsers)
 
 
+def add_experiments_commands(subparsers: Any) -> None:
+    """``experiments report NAME``, defined in :mod:`router.report`."""
+    from router.report import add_experiments_command
+
+    add_experiments_command(subparsers)
+
+
 #: Functions that each register subcommands (later also: eval, experiments).
 COMMANDS: tuple[Callable[[Any], None], ...] = (
     add_gateway_commands,
     add_probe_command,
     add_calibrate_command,
+    add_experiments_commands,
 )
 
 

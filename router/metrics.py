@@ -44,6 +44,8 @@ class GatewayMetrics:
     rate_limited: Counter
     rate_limit_redis_errors: Counter
     config_reloads: Counter
+    events_written: Counter
+    events_dropped: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -112,6 +114,15 @@ class GatewayMetrics:
                 "router_config_reloads",
                 "Configuration reloads (SIGHUP, POST /admin/reload), by result",
                 ["result"],
+                registry=r,
+            ),
+            events_written=Counter(
+                "router_events_written", "Event records written to the sink", registry=r
+            ),
+            events_dropped=Counter(
+                "router_events_dropped",
+                "Event records dropped: queue_full (the writer fell behind) or sink_error",
+                ["reason"],
                 registry=r,
             ),
         )

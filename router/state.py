@@ -6,6 +6,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import anyio.to_thread
+
 from policies.engine import PolicyEngine
 from policies.schema import LocalBackend as LocalBackendSettings
 from policies.schema import OpenAIBackend as OpenAIBackendSettings
@@ -19,6 +21,7 @@ from router.backends.base import Backend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend
 from router.cache import MemoryCache, RedisCache, TieredCache
+from router.events import EventLog, open_sink
 from router.metrics import GatewayMetrics
 from router.probing import BatchingConfig, ProbeService
 from router.ratelimit import RateLimiter, build_rate_limiter
@@ -39,6 +42,7 @@ class GatewayState:
     api_keys: tuple[bytes, ...] = ()
     keys: KeyRing = field(default_factory=KeyRing)
     rate_limiter: RateLimiter | None = None
+    events: EventLog | None = None
 
     def authorized(self, header: bytes | None) -> bool:
         """Whether ``header`` carries a client-scoped (or admin) key; True with auth off."""
@@ -50,6 +54,9 @@ class GatewayState:
         return self.keys.check(header, scope, fallback_name=fallback_name)
 
     async def aclose(self) -> None:
+        if self.events is not None:
+            events = self.events
+            await anyio.to_thread.run_sync(events.close)
         if self.rate_limiter is not None:
             await self.rate_limiter.aclose()
         if self.probe is not None:
@@ -66,6 +73,26 @@ class GatewayState:
 
 def _probe_needed(settings: Settings, engine: PolicyEngine) -> bool:
     return any(engine.needs_probe(name) for name in settings.policies)
+
+
+def _event_log(settings: Settings, metrics: GatewayMetrics) -> EventLog | None:
+    events = settings.events
+    if events is None or events.sink == "none":
+        return None
+    sink = open_sink(
+        events.sink,
+        path=settings.resolve_path(events.path),
+        redis_url=events.redis_url,
+        stream=events.stream,
+        max_len=events.max_len,
+    )
+    return EventLog(
+        sink,
+        queue_size=events.queue_size,
+        batch_size=events.batch_size,
+        on_drop=lambda reason, n: metrics.events_dropped.labels(reason).inc(n),
+        on_written=metrics.events_written.inc,
+    )
 
 
 def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> GatewayState:
@@ -157,6 +184,7 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
             for model in backend.model_names():
                 direct.setdefault(model, name)
     return GatewayState(
+        events=_event_log(settings, metrics),
         settings=settings,
         engine=engine,
         backends=backends,

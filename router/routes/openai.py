@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from policies.engine import Decision, RequestContext
@@ -34,6 +34,7 @@ from router.guard import admit
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest, parse_request
 from router.state import GatewayState
+from router.usage import Usage, UsageTap, client_wants_usage, request_usage, usage_of_body
 
 __all__ = ["CompletionsEndpoint", "RouteEndpoint", "read_body", "send_error", "send_json"]
 
@@ -125,6 +126,7 @@ class _Routed:
     parsed: ParsedRequest
     decision: Decision
     outcome: ProbeOutcome | None
+    request_id: str = ""
 
     def headers(self, backend: str, fallback_from: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
         d = self.decision
@@ -133,6 +135,11 @@ class _Routed:
             (b"x-router-rule", d.rule.encode()),
             (b"x-router-policy", d.policy.encode()),
         ]
+        if self.request_id:
+            out.append((b"x-router-request-id", self.request_id.encode()))
+        if d.arm is not None and d.experiment is not None:
+            out.append((b"x-router-experiment", d.experiment.encode()))
+            out.append((b"x-router-arm", d.arm.encode()))
         result = self.outcome.result if self.outcome is not None else None
         if result is not None:
             out.append((b"x-router-score", f"{result.score:.6f}".encode()))
@@ -149,6 +156,14 @@ class _Routed:
 async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _Routed:
     """Probe (when needed) and decide; direct model names skip both."""
     policy = state.engine.policy_for_model(parsed.model)
+    context: RequestContext | None = None
+    assignment = None
+    if state.engine.experiments.for_model(parsed.model) is not None:
+        context = _context(scope, parsed)
+        assignment = state.engine.experiments.assign(
+            parsed.model, user=parsed.user, headers=context.headers
+        )
+        policy = assignment.policy if assignment is not None else policy
     if policy is None:
         backend = state.direct_models.get(parsed.model)
         if backend is None:
@@ -173,9 +188,11 @@ async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _R
     decision = state.engine.decide(
         policy,
         outcome.result if outcome is not None else None,
-        _context(scope, parsed),
+        context or _context(scope, parsed),
         probe_failed=outcome is not None and outcome.error is not None,
     )
+    if assignment is not None:
+        decision = replace(decision, experiment=assignment.experiment, arm=assignment.arm)
     return _Routed(parsed, decision, outcome)
 
 
@@ -223,11 +240,14 @@ class CompletionsEndpoint:
         state: GatewayState = scope["app"].state.gateway
         start = time.perf_counter()
         rule, backend_name, status = "-", "-", 500
+        trace = _Trace(uuid.uuid4().hex)
+        routed: _Routed | None = None
         try:
             parsed = await _authorize_and_parse(state, scope, receive, self.endpoint)
             routed = await _route(state, scope, parsed)
+            routed.request_id = trace.request_id
             rule, backend_name = routed.decision.rule, routed.decision.backend
-            status, backend_name = await self._answer(state, routed, receive, send, start)
+            status, backend_name = await self._answer(state, routed, receive, send, start, trace)
         except _Disconnected:
             status = 499
         except HTTPError as exc:
@@ -235,9 +255,22 @@ class CompletionsEndpoint:
             await send_error(send, exc)
         finally:
             state.metrics.requests.labels(backend_name, rule, str(status)).inc()
+            if state.events is not None:
+                try:
+                    state.events.record(
+                        trace.record(state, self.endpoint, routed, backend_name, status, start)
+                    )
+                except Exception:  # an event is never worth a failed request
+                    logger.exception("building the event record failed")
 
     async def _answer(
-        self, state: GatewayState, routed: _Routed, receive: Receive, send: Send, start: float
+        self,
+        state: GatewayState,
+        routed: _Routed,
+        receive: Receive,
+        send: Send,
+        start: float,
+        trace: _Trace,
     ) -> tuple[int, str]:
         d = routed.decision
         chain = (d.backend, *d.fallbacks)
@@ -247,12 +280,18 @@ class CompletionsEndpoint:
         task = asyncio.current_task()
         assert task is not None
         watcher = _DisconnectWatcher(receive, task)
+        body = routed.parsed.body
+        if routed.parsed.stream and state.events is not None:
+            trace.tap = UsageTap(strip=False)
+            if state.settings.events is not None and state.settings.events.usage == "inject":
+                if not client_wants_usage(body) and (asked := request_usage(body)) is not None:
+                    body, trace.tap = asked, UsageTap(strip=True)
         try:
             dispatched = await dispatch(
                 state.backends,
                 chain,
                 self.endpoint,
-                routed.parsed.body,
+                body,
                 stream=routed.parsed.stream,
             )
             answered = dispatched.backend
@@ -262,9 +301,11 @@ class CompletionsEndpoint:
             headers = routed.headers(answered, dispatched.fallback_from)
             status = 200
             if dispatched.result.stream is None:
+                if state.events is not None:
+                    trace.usage = usage_of_body(dispatched.result.body)
                 await send_json(send, 200, dispatched.result.body or b"", headers)
             else:
-                await self._stream(state, dispatched, headers, send, start)
+                await self._stream(state, dispatched, headers, send, start, trace)
         except asyncio.CancelledError:
             if not watcher.fired:
                 raise
@@ -281,8 +322,10 @@ class CompletionsEndpoint:
         headers: list[tuple[bytes, bytes]],
         send: Send,
         start: float,
+        trace: _Trace,
     ) -> None:
         result = dispatched.result
+        tap = trace.tap
         assert result.stream is not None
         await send(
             {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *headers]}
@@ -292,13 +335,17 @@ class CompletionsEndpoint:
         try:
             async for chunk in result.stream:
                 if first:
-                    state.metrics.ttft_seconds.labels(dispatched.backend).observe(
-                        time.perf_counter() - start
-                    )
+                    trace.ttft_s = time.perf_counter() - start
+                    state.metrics.ttft_seconds.labels(dispatched.backend).observe(trace.ttft_s)
                     first = False
+                if tap is not None:
+                    chunk = tap.feed(chunk)
                 if chunk:
                     tail = chunk[-2:]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if tap is not None and (rest := tap.flush()):
+                tail = rest[-2:]
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
         except UpstreamError as exc:
             logger.warning("stream from %s broke mid-way: %s", dispatched.backend, exc.message)
             sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
@@ -318,7 +365,56 @@ class CompletionsEndpoint:
             # Runs once, also when a disconnect cancelled the task: the cancellation has been
             # delivered, so this await completes and the upstream connection is released.
             await result.close()
+            if tap is not None:
+                trace.usage = tap.usage
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@dataclass(slots=True)
+class _Trace:
+    """What one request's event record needs beyond the routing decision."""
+
+    request_id: str
+    ttft_s: float | None = None
+    usage: Usage | None = None
+    tap: UsageTap | None = None
+
+    def record(
+        self,
+        state: GatewayState,
+        endpoint: Endpoint,
+        routed: _Routed | None,
+        backend: str,
+        status: int,
+        start: float,
+    ) -> dict[str, Any]:
+        d = routed.decision if routed is not None else None
+        result = routed.outcome.result if routed is not None and routed.outcome else None
+        usage = self.usage or Usage(None, None)
+        spec = state.settings.backends.get(backend)
+        price = getattr(spec, "price", None)
+        return {
+            "kind": "request",
+            "request_id": self.request_id,
+            "time": time.time(),
+            "endpoint": endpoint,
+            "model": routed.parsed.model if routed is not None else None,
+            "stream": routed.parsed.stream if routed is not None else None,
+            "experiment": d.experiment if d is not None else None,
+            "arm": d.arm if d is not None else None,
+            "policy": d.policy if d is not None else None,
+            "rule": d.rule if d is not None else None,
+            "backend": backend if d is not None else None,
+            "score": result.score if result is not None else None,
+            "percentile": result.percentile if result is not None else None,
+            "cache": routed.outcome.cache if routed is not None and routed.outcome else None,
+            "latency_s": time.perf_counter() - start,
+            "ttft_s": self.ttft_s,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "status": status,
+            "cost": price.cost(usage.prompt_tokens, usage.completion_tokens) if price else None,
+        }
 
 
 class RouteEndpoint:
@@ -348,6 +444,8 @@ class RouteEndpoint:
                 "policy": d.policy,
                 "reason": d.reason,
                 "probe_error": d.probe_error,
+                "experiment": d.experiment,
+                "arm": d.arm,
             },
             "probe": None
             if outcome is None

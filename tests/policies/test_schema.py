@@ -281,7 +281,16 @@ BROKEN: dict[str, list[str]] = {
     ],
     "bad-duplicate-key.yaml": ["7: duplicate key 'backends' (first at line 1)"],
     "bad-experiments.yaml": [
-        "7: experiments: A/B experiments are not available yet; remove this section"
+        "9: experiments[0].control: unknown arm 'c'; arms: a",
+        "10: experiments[0].arms: arm weights add up to 0.9 (0.5 + 0.4); they must add up to 1",
+        "12: experiments[0].arms[1].name: duplicate arm name 'a' (see arms[0])",
+    ],
+    "bad-experiment-refs.yaml": [
+        "14: experiments[0].arms[1].policy: unknown policy 'cheep'; known: cheap, default",
+        "15: experiments[1].model: virtual model 'auto' already has an experiment "
+        "(experiments[0]); one experiment per virtual model: set enabled: false on the old one "
+        "or remove it",
+        "20: experiments[2].model: 'smart' is not a virtual model; known: auto",
     ],
     "bad-metric-not-measured.yaml": [
         "10: policies.default.rules[0].when.metric.name: metric 'gini' is not measured by the "
@@ -348,8 +357,13 @@ def test_problems_carry_structured_fields() -> None:
             "got 'http://r'",
         ),
         (
-            "events: {sink: sqlite}\n",
-            "s.yaml:7: events: event records are not available yet; remove this section",
+            "events: {sink: redis}\n",
+            "s.yaml:7: events.redis_url: sink 'redis' needs redis_url (e.g. "
+            "redis://127.0.0.1:6379/0)",
+        ),
+        (
+            "events: {sink: sqlite, queue_size: 0}\n",
+            "s.yaml:7: events.queue_size: must be greater than or equal to 1, got 0",
         ),
         (
             "escalation:\n  timeout_s: 60\n",

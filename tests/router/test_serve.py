@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -36,10 +37,13 @@ def large() -> Iterator[tuple[FakeUpstream, ServerThread]]:
 
 
 @pytest.mark.slow
-def test_serve_on_the_embedded_default(large: tuple[FakeUpstream, ServerThread]) -> None:
+def test_serve_on_the_embedded_default(
+    large: tuple[FakeUpstream, ServerThread], tmp_path: Path
+) -> None:
     """The README's first command: the embedded default answers the openai SDK, streaming too."""
     port = free_port()
     env = {**os.environ, "LARGE_BASE_URL": large[1].url + "/v1", "HF_HUB_OFFLINE": "1"}
+    env["ROUTER_EVENTS_PATH"] = str(tmp_path / "events.sqlite")
     env.pop("ROUTER_API_KEY", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "router.cli", "serve", "--port", str(port)],
@@ -89,6 +93,14 @@ def test_serve_on_the_embedded_default(large: tuple[FakeUpstream, ServerThread])
             proc.wait(timeout=10)
         if proc.stdout:
             proc.stdout.close()
+    # the embedded default records events: three requests, tokens from the local model's usage
+    with sqlite3.connect(tmp_path / "events.sqlite") as db:
+        rows = db.execute("SELECT backend, stream, prompt_tokens, completion_tokens FROM requests")
+        records = rows.fetchall()
+    assert len(records) == 3
+    streamed = [r for r in records if r[1] == 1]
+    assert len(streamed) == 1 and streamed[0][0] == "small" and streamed[0][2] > 0
+    assert 0 < streamed[0][3] <= 8
 
 
 def test_check_the_default_config(capsys: pytest.CaptureFixture[str]) -> None:
