@@ -82,6 +82,7 @@ def test_eval_end_to_end(
     # a re-run reads every feature from the cache: same numbers, no new cache files
     files = sorted(p.name for p in cache.rglob("*.npz"))
     code, out2, err = run(args, capsys)
+    assert "sparsity LR" in out2
     assert code == 0, err
     assert sorted(p.name for p in cache.rglob("*.npz")) == files
     assert json.loads((tmp_path / "eval.json").read_text()) == numbers
