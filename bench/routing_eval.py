@@ -45,16 +45,13 @@ def parse(name: str) -> tuple[int, str, str]:
 
 
 FEATURE_SETS: dict[str, Callable[[int, str, str], bool]] = {
-    "all 420": lambda la, m, p: True,
     "last token, all layers": lambda la, m, p: p == "last",
-    "token mean, all layers": lambda la, m, p: p == "mean",
     "every 2nd layer, 5 metrics, both": lambda la, m, p: la % 2 == 0 and m in METRICS5,
     "layers 1-14 (cheap probe)": lambda la, m, p: la <= 14,
     "layer 10 only (default probe)": lambda la, m, p: la == 10,
     "layers 20-30": lambda la, m, p: la >= 20,
     "layers 20-30, last token": lambda la, m, p: la >= 20 and p == "last",
     "layers 20-30, 5 metrics": lambda la, m, p: la >= 20 and m in METRICS5,
-    "layer 30 only": lambda la, m, p: la == 30,
 }
 
 

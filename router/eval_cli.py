@@ -295,7 +295,11 @@ def run_calibrate_labels(
     layers = tuple(dict.fromkeys((*probe.settings.layers, *sorted(needed_layers))))
     serving = SparsityProbe(
         probe.settings.model_copy(
-            update={"layers": layers, "token_mean": probe.settings.token_mean or needs_mean}
+            update={
+                "layers": layers,
+                "score_layer": probe.score_layer,  # adding layers must not move the score
+                "token_mean": probe.settings.token_mean or needs_mean,
+            }
         ),
         loaded=probe.loaded,
     )
@@ -327,6 +331,7 @@ def run_calibrate_labels(
     print(f"p_large on the labelled prompts: {quant}")
     print(
         "serve it with probe settings layers: "
-        f"[{', '.join(str(x) for x in layers)}]" + (", token_mean: true" if needs_mean else "")
+        f"[{', '.join(str(x) for x in layers)}], score_layer: {probe.score_layer}"
+        + (", token_mean: true" if needs_mean else "")
     )
     return base.model_copy(update={"supervised": model})

@@ -68,11 +68,13 @@ _RECIPE_METRICS: Final = ("top1_energy", "top10_energy", "effective_rank", "gini
 
 def supervised_features(n_layers: int) -> tuple[str, ...]:
     """The supervised router's probe features for a model of ``n_layers`` layers (the recipe
-    chosen in bench/results/routing_eval.md): every second layer, five metrics, both positions."""
+    chosen in bench/results/routing_eval.md): the last third of the layers (20-30 of 30), five
+    metrics, last token and token mean."""
+    first = max(1, math.ceil(2 * n_layers / 3))
     return tuple(
         f"L{layer}.{metric}.{pos}"
         for pos in ("last", "mean")
-        for layer in range(2, n_layers + 1, 2)
+        for layer in range(first, n_layers + 1)
         for metric in _RECIPE_METRICS
     )
 

@@ -113,6 +113,7 @@ def test_calibrate_labels_round_trip(
             str(tmp_path / "cache"),
             "--min-per-bucket",
             "10",
+            "--layer=1",
             "--out",
             str(out),
         ],
@@ -124,14 +125,18 @@ def test_calibrate_labels_round_trip(
     model = calibration.supervised
     assert model is not None
     assert model.n_train == 60 and model.features[-1] == "log_tokens"
-    assert {f.split(".")[0] for f in model.features[:-1]} == {"L2", "L4"}
+    assert {f.split(".")[0] for f in model.features[:-1]} == {"L3", "L4"}
     assert "apgr" in model.cv
+    # the extra layers the model needs do not move the headline score
+    assert calibration.fingerprint["layer"] == 1
+    assert "layers: [1, 3, 4], score_layer: 1, token_mean: true" in text
     # the probe, asked for the layers the model needs, reports p_large with the calibration
     code, text, err = run(
         [
             "probe",
             *tiny,
-            "--layers=2,4",
+            "--layers=1,3,4",
+            "--layer=1",
             "--token-mean",
             "--json",
             "--calibration",
