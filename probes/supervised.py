@@ -103,6 +103,9 @@ class SupervisedModel(BaseModel):
         from probes.metrics import METRICS
 
         plan = []
+        k = len(self.features)
+        if not len(self.mean) == len(self.scale) == len(self.coef) == k:
+            return  # refused with a clear message by _check
         for name, m, s, c in zip(self.features, self.mean, self.scale, self.coef, strict=True):
             if name == LENGTH_FEATURE:
                 plan.append((-1, "", False, False, m, c / s))
