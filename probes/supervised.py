@@ -104,7 +104,7 @@ class SupervisedModel(BaseModel):
 
         plan = []
         k = len(self.features)
-        if not len(self.mean) == len(self.scale) == len(self.coef) == k:
+        if not len(self.mean) == len(self.scale) == len(self.coef) == k or min(self.scale) <= 0:
             return  # refused with a clear message by _check
         for name, m, s, c in zip(self.features, self.mean, self.scale, self.coef, strict=True):
             if name == LENGTH_FEATURE:
