@@ -46,6 +46,7 @@ __all__ = [
     "RouterScores",
     "embed_minilm",
     "evaluate",
+    "fit_supervised",
     "fold_ids",
     "plot_report",
     "supervised_features",
