@@ -316,6 +316,11 @@ class PolicyEngine:
             if p is None or not when.percentile.contains(p):
                 return None
             why.append(f"percentile {_fmt(p)} in {when.percentile.describe()}")
+        if when.p_large is not None:
+            p = _number(result.p_large)
+            if p is None or not when.p_large.contains(p):
+                return None
+            why.append(f"p_large {_fmt(p)} in {when.p_large.describe()}")
         if when.score is not None:
             s = _number(result.score)
             if s is None or not when.score.contains(s):

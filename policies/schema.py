@@ -471,6 +471,9 @@ class Condition(_Model):
     always: bool | None = Field(None, description="true: matches every request")
     percentile: PercentileBand | None = None
     share: float | None = Field(None, gt=0, le=1)
+    p_large: PercentileBand | None = Field(
+        None, description="P(large model does better), from a calibration fitted with --labels"
+    )
     score: Band | None = None
     metric: MetricCondition | None = None
     n_tokens: IntBand | None = None
@@ -526,12 +529,19 @@ class Condition(_Model):
         """Whether evaluating this condition needs a probe result."""
         return any(
             x is not None
-            for x in (self.percentile, self.share, self.score, self.metric, self.n_tokens)
+            for x in (
+                self.percentile,
+                self.share,
+                self.p_large,
+                self.score,
+                self.metric,
+                self.n_tokens,
+            )
         )
 
     @property
     def needs_calibration(self) -> bool:
-        return self.percentile is not None or self.share is not None
+        return self.percentile is not None or self.share is not None or self.p_large is not None
 
 
 class Action(_Model):
@@ -917,7 +927,7 @@ class Settings(_Model):
                 loc: Loc = (*base, "rules", i)
                 problems.extend(self._check_action(loc, rule.route, rule.fallback))
                 when = rule.when
-                for field in ("percentile", "share"):
+                for field in ("percentile", "share", "p_large"):
                     if getattr(when, field) is not None and self.calibration.path is None:
                         problems.append(
                             (

@@ -39,6 +39,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from probes.errors import CalibrationError
+from probes.supervised import SupervisedModel
 
 if TYPE_CHECKING:
     from probes.probe import ProbeInput, ProbeResult, SparsityProbe
@@ -145,6 +146,9 @@ class Calibration(_Value):
     tokens: TokenStats
     buckets: tuple[LengthBucket, ...] = Field(min_length=1)
     layers: tuple[LayerProfile, ...] = ()
+    supervised: SupervisedModel | None = Field(
+        None, description="P(large model does better) model, fitted by calibrate --labels"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -262,8 +266,15 @@ class Calibration(_Value):
         return self.percentile_of(result.score, result.n_tokens)
 
     def with_percentile(self, result: ProbeResult) -> ProbeResult:
-        """A copy of ``result`` with ``percentile`` filled in."""
-        return dataclasses.replace(result, percentile=self.percentile(result))
+        """A copy of ``result`` with ``percentile`` (and ``p_large``, when this calibration has
+        a supervised model and the result carries its features) filled in."""
+        p_large = None
+        if self.supervised is not None:
+            try:
+                p_large = self.supervised.predict(result)
+            except (KeyError, ValueError):
+                logger.debug("probe result lacks the supervised model's features")
+        return dataclasses.replace(result, percentile=self.percentile(result), p_large=p_large)
 
     def threshold_for_share(self, share: float) -> float:
         """The percentile above which ``share`` (0..1) of reference traffic lies: ``1 - share``."""

@@ -129,6 +129,7 @@ class ProbeResult:
     metrics_mean: Mapping[int, Mapping[str, float]] | None = None
     truncated: bool = False
     percentile: float | None = None
+    p_large: float | None = None  # P(large model does better), from a supervised calibration
 
     def value(self, layer: int, name: str, position: Position = "last") -> float:
         table = self.metrics if position == "last" else self.metrics_mean
@@ -141,6 +142,7 @@ class ProbeResult:
             "n_tokens": self.n_tokens,
             "score": self.score,
             "percentile": self.percentile,
+            "p_large": self.p_large,
             "truncated": self.truncated,
             "metrics": _layers_to_json(self.metrics),
         }
@@ -152,6 +154,7 @@ class ProbeResult:
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
         mean = data.get("metrics_mean")
         pct = data.get("percentile")
+        p_large = data.get("p_large")
         return cls(
             n_tokens=int(data["n_tokens"]),
             score=float(data["score"]),
@@ -159,6 +162,7 @@ class ProbeResult:
             metrics_mean=_layers_from_json(mean) if mean is not None else None,
             truncated=bool(data.get("truncated", False)),
             percentile=None if pct is None else float(pct),
+            p_large=None if p_large is None else float(p_large),
         )
 
 

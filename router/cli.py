@@ -8,7 +8,10 @@ and sets ``handler`` (``Namespace -> exit status``). Now:
 ``sparsity-router probe TEXT... | --file F [--json] [--calibration C]``
     Measure prompts with the probe and print a table (or JSON Lines with ``--json``).
 ``sparsity-router calibrate --reference F --out calib.json [--plot calib.png]``
-    Fit a calibration (score percentiles per length bucket) on reference prompts.
+    Fit a calibration (score percentiles per length bucket) on reference prompts; with
+    ``--labels F`` also a supervised P(large model does better) model (see router.eval_cli).
+``sparsity-router eval --data F``
+    Score the configured router and baselines on outcome data (see :mod:`router.evaluate`).
 
 ``probe`` and ``calibrate`` take the probe options (``--model``, ``--layers``, ``--metric``,
 ``--layer``, ...). Every :class:`~probes.errors.RouterError` is printed as ``error: <message>``
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMANDS",
     "add_calibrate_command",
+    "add_eval_command",
     "add_experiments_commands",
     "add_gateway_commands",
     "add_probe_command",
@@ -198,7 +202,7 @@ def add_calibrate_command(subparsers: Any) -> None:
         description="Probe reference prompts and fit a calibration: the empirical score "
         "distribution per token-length bucket, used to turn scores into percentiles.",
     )
-    _add_input_options(parser, flag="--reference", required=True)
+    _add_input_options(parser, flag="--reference", required=False)
     parser.add_argument("--out", required=True, metavar="FILE", help="calibration JSON to write")
     parser.add_argument("--plot", metavar="FILE", help="also draw the calibration as a PNG")
     parser.add_argument(
@@ -214,6 +218,16 @@ def add_calibrate_command(subparsers: Any) -> None:
         default=8,
         metavar="N",
         help="most length buckets (default 8)",
+    )
+    from router.eval_cli import add_label_options
+
+    add_label_options(parser, flag="--labels", required=False)
+    parser.add_argument(
+        "--features",
+        type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
+        metavar="LIST",
+        help="with --labels: the supervised model's features, e.g. L10.gini.last,L28.top1_energy"
+        ".mean,log_tokens (default: the recipe in router.evaluate.supervised_features)",
     )
     _add_probe_options(parser)
     parser.set_defaults(handler=_run_calibrate)
@@ -235,12 +249,20 @@ def add_experiments_commands(subparsers: Any) -> None:
     add_experiments_command(subparsers)
 
 
-#: Functions that each register subcommands (later also: eval, experiments).
+def add_eval_command(subparsers: Any) -> None:
+    """``eval``, defined in :mod:`router.eval_cli`."""
+    from router.eval_cli import add_eval_command as add
+
+    add(subparsers)
+
+
+#: Functions that each register subcommands.
 COMMANDS: tuple[Callable[[Any], None], ...] = (
     add_gateway_commands,
     add_probe_command,
     add_calibrate_command,
     add_experiments_commands,
+    add_eval_command,
 )
 
 
@@ -482,6 +504,24 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         )
     if os.path.isdir(args.out):
         raise CalibrationError(f"--out {args.out} is a directory. Fix: give a file name")
+    if args.outcomes:
+        from router.eval_cli import run_calibrate_labels
+
+        calibration = run_calibrate_labels(args, _build_probe)
+        calibration.save(args.out)
+        print(calibration.summary())
+        print(f"wrote {args.out}")
+        if args.plot:
+            from probes.plots import plot_calibration
+
+            plot_calibration(calibration, args.plot)
+            print(f"wrote {args.plot}")
+        return 0
+    if not args.reference:
+        raise CalibrationError(
+            "nothing to fit. Fix: give --reference FILE (prompts) and/or --labels FILE "
+            "(prompts with both models' outcomes)"
+        )
     inputs = _read_file(args.reference, args.column)
     probe = _build_probe(args)
     calibration = fit_calibration(

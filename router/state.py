@@ -13,6 +13,7 @@ from policies.schema import LocalBackend as LocalBackendSettings
 from policies.schema import OpenAIBackend as OpenAIBackendSettings
 from policies.schema import Settings
 from probes.calibration import Calibration
+from probes.errors import CalibrationError
 from probes.model import LoadedModel, load_model
 from probes.probe import SparsityProbe
 from router.auth import Caller, KeyRing
@@ -95,6 +96,25 @@ def _event_log(settings: Settings, metrics: GatewayMetrics) -> EventLog | None:
     )
 
 
+def _check_supervised(
+    settings: Settings, calibration: Calibration, probe: SparsityProbe, source: str
+) -> None:
+    """Refuse a p_large rule without a supervised model, or a probe that cannot feed it."""
+    uses = any(r.when.p_large is not None for p in settings.policies.values() for r in p.rules)
+    model = calibration.supervised
+    if model is None:
+        if uses:
+            raise CalibrationError(
+                f"calibration {source} has no supervised model, which p_large rules need. Fix: "
+                "refit it with sparsity-router calibrate --labels FILE"
+            )
+        return
+    try:
+        model.check_probe(probe.layers, probe.token_mean, probe.settings.metrics)
+    except ValueError as exc:
+        raise CalibrationError(f"calibration {source}: {exc}") from None
+
+
 def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> GatewayState:
     """Load the probe (unless given), the calibration and the backends described by ``settings``."""
     metrics = GatewayMetrics.create()
@@ -115,6 +135,7 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         path = settings.calibration_path()
         if path is not None:
             calibration = Calibration.load(path, expect_fingerprint=probe.fingerprint())
+            _check_supervised(settings, calibration, probe, str(path))
         batching = settings.probe.batching
         service = ProbeService(
             probe,

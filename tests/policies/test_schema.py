@@ -273,7 +273,7 @@ BROKEN: dict[str, list[str]] = {
     ],
     "bad-empty-condition.yaml": [
         "6: policies.default.rules[0].when: empty condition: give at least one of always, "
-        "percentile, share, score, metric, n_tokens, model, user, header, metadata (write "
+        "percentile, share, p_large, score, metric, n_tokens, model, user, header, metadata (write "
         "`always: true` for a rule that matches every request)"
     ],
     "bad-backend-type.yaml": [

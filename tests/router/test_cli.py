@@ -216,7 +216,7 @@ def test_missing_calibration_file(
         ["bogus"],
         ["probe", "--layers", "x,y", "hi"],
         ["probe", "--batch-size", "0", "hi"],
-        ["calibrate", "--out", "c.json"],
+        ["calibrate"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,277 @@
+"""Probe feature tables for offline evaluation and supervised calibration, cached on disk.
+
+:func:`extract` runs the probe over many prompts in one pass per batch and returns, for every
+prompt, the oriented sparsity (higher = sparser, :func:`probes.metrics.sparsity`) of every
+requested layer x metric x position ("last" token and token "mean"), the token count, whether the
+prompt was tail-truncated, and, when asked, the small model's own perplexity of the prompt (mean
+negative log-likelihood of the user's text under the LM head, read from the same forward pass).
+
+Results are cached per prompt under ``cache_dir/<fingerprint digest>/`` in ``.npz`` chunks, keyed
+by a hash of the exact rendered prompt, so a re-run, or a run on an overlapping prompt set, only
+probes what is new. Chunks are written as they finish, so an interrupted run resumes.
+
+Feature names look like ``L10.top10_energy.last`` or ``L28.top1_energy.mean``;
+:func:`feature_value` reads one from a :class:`~probes.probe.ProbeResult`, which is how a fitted
+model is applied to a live request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from probes.probe import ProbeInput, ProbeResult, SparsityProbe
+
+__all__ = [
+    "FEATURES_FORMAT",
+    "FeatureTable",
+    "default_cache_dir",
+    "extract",
+    "feature_name",
+    "feature_value",
+    "parse_feature",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Bumped when the cached numbers change meaning.
+FEATURES_FORMAT: Final = "features-v1"
+POSITIONS: Final = ("last", "mean")
+CHUNK: Final = 128
+
+FloatArray = NDArray[np.float64]
+
+
+def default_cache_dir() -> Path:
+    """``$SPARSITY_ROUTER_CACHE/eval`` or ``~/.cache/sparsity-router/eval``."""
+    root = os.environ.get("SPARSITY_ROUTER_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "sparsity-router"
+    return base / "eval"
+
+
+def feature_name(layer: int, metric: str, position: str) -> str:
+    return f"L{layer}.{metric}.{position}"
+
+
+def parse_feature(name: str) -> tuple[int, str, str]:
+    """``"L10.top10_energy.last"`` -> ``(10, "top10_energy", "last")``; ValueError otherwise."""
+    parts = name.split(".")
+    if len(parts) != 3 or not parts[0].startswith("L") or parts[2] not in POSITIONS:
+        raise ValueError(
+            f"feature {name!r} must look like 'L<layer>.<metric>.<last|mean>', "
+            "e.g. 'L10.top10_energy.last'"
+        )
+    try:
+        layer = int(parts[0][1:])
+    except ValueError:
+        raise ValueError(f"feature {name!r}: {parts[0]!r} is not L<layer number>") from None
+    return layer, parts[1], parts[2]
+
+
+def feature_value(result: ProbeResult, layer: int, metric: str, position: str) -> float:
+    """The oriented sparsity of one feature in a probe result (KeyError when not measured)."""
+    from probes.metrics import sparsity
+
+    table = result.metrics if position == "last" else result.metrics_mean
+    if table is None:
+        raise KeyError("token-mean metrics were not measured (set probe.token_mean: true)")
+    return sparsity(metric, table[layer][metric])
+
+
+@dataclass(slots=True)
+class FeatureTable:
+    """Features of n prompts: ``values[:, j]`` is feature ``names[j]``."""
+
+    names: tuple[str, ...]
+    values: FloatArray  # (n, k)
+    n_tokens: FloatArray  # (n,)
+    truncated: NDArray[np.bool_]  # (n,)
+    nll: FloatArray  # (n,) mean NLL of the prompt under the probe's LM head (nan: not computed)
+
+    def column(self, name: str) -> FloatArray:
+        return self.values[:, self.names.index(name)]
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _names(layers: Sequence[int], metrics: Sequence[str]) -> tuple[str, ...]:
+    return tuple(feature_name(la, m, p) for p in POSITIONS for la in layers for m in metrics)
+
+
+def extract(
+    probe: SparsityProbe,
+    inputs: Sequence[ProbeInput],
+    *,
+    cache_dir: Path | None = None,
+    perplexity: bool = True,
+    batch_size: int = 16,
+    progress: bool = False,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> FeatureTable:
+    """Features of every input at every layer the probe reports, both positions.
+
+    The probe must have ``token_mean`` enabled. With ``perplexity`` the forward pass runs to the
+    last layer and through the LM head (the probe's layers are unaffected). ``on_chunk(done,
+    total)`` is called after each cached chunk.
+    """
+    if not probe.token_mean:
+        raise ValueError("feature extraction needs a probe with token_mean enabled")
+    layers = tuple(sorted(probe.layers))
+    metrics = tuple(probe.settings.metrics)
+    names = _names(layers, metrics)
+    fingerprint = {
+        **probe.fingerprint(),
+        "layers": layers,
+        "metrics": metrics,
+        "perplexity": perplexity,
+        "format": FEATURES_FORMAT,
+    }
+    folder = (cache_dir or default_cache_dir()) / _digest(json.dumps(fingerprint, sort_keys=True))[
+        :16
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
+
+    keys = [_digest(probe.render(x, i))[:24] for i, x in enumerate(inputs)]
+    cached = _load_cache(folder)
+    todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in cached}.values())
+    todo.sort()
+    if todo:
+        logger.info("probing %d of %d prompts (cache: %s)", len(todo), len(keys), folder)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), unit="prompt", desc="probing", disable=None)
+    try:
+        for start in range(0, len(todo), CHUNK):
+            idx = todo[start : start + CHUNK]
+            rows = _compute(
+                probe, [inputs[i] for i in idx], layers, metrics, perplexity, batch_size, bar
+            )
+            chunk_keys = [keys[i] for i in idx]
+            _save_chunk(folder, chunk_keys, rows)
+            for k, row in zip(chunk_keys, zip(*rows, strict=True), strict=True):
+                cached[k] = row
+            if on_chunk is not None:
+                on_chunk(min(start + CHUNK, len(todo)), len(todo))
+    finally:
+        if bar is not None:
+            bar.close()
+    vals = np.array([cached[k][0] for k in keys], dtype=np.float64).reshape(len(keys), len(names))
+    return FeatureTable(
+        names=names,
+        values=vals,
+        n_tokens=np.array([cached[k][1] for k in keys], dtype=np.float64),
+        truncated=np.array([cached[k][2] for k in keys], dtype=bool),
+        nll=np.array([cached[k][3] for k in keys], dtype=np.float64),
+    )
+
+
+_Rows = tuple[NDArray[np.float32], NDArray[np.int32], NDArray[np.bool_], NDArray[np.float32]]
+
+
+def _load_cache(folder: Path) -> dict[str, tuple[Any, Any, Any, Any]]:
+    out: dict[str, tuple[Any, Any, Any, Any]] = {}
+    for path in sorted(folder.glob("chunk-*.npz")):
+        try:
+            with np.load(path) as z:
+                for j, k in enumerate(z["keys"].tolist()):
+                    out[str(k)] = (z["values"][j], z["n_tokens"][j], z["truncated"][j], z["nll"][j])
+        except (OSError, ValueError, KeyError) as err:  # a damaged chunk is recomputed
+            logger.warning("ignoring unreadable feature cache file %s: %s", path, err)
+    return out
+
+
+def _save_chunk(folder: Path, keys: list[str], rows: _Rows) -> None:
+    name = f"chunk-{_digest(''.join(keys))[:16]}.npz"
+    tmp = folder / f".{name}.tmp{os.getpid()}.npz"
+    values, n_tokens, truncated, nll = rows
+    np.savez_compressed(
+        tmp, keys=np.array(keys), values=values, n_tokens=n_tokens, truncated=truncated, nll=nll
+    )
+    os.replace(tmp, folder / name)
+
+
+def _compute(
+    probe: SparsityProbe,
+    items: Sequence[ProbeInput],
+    layers: tuple[int, ...],
+    metrics: tuple[str, ...],
+    perplexity: bool,
+    batch_size: int,
+    bar: Any,
+) -> _Rows:
+    import torch
+
+    from probes.metrics import METRICS, compute_all
+    from probes.probe import _mean_weights
+
+    encoded = [probe.encode(x, i) for i, x in enumerate(items)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    k = len(layers) * len(metrics)
+    values = np.zeros((len(items), 2 * k), dtype=np.float32)
+    nll = np.full(len(items), np.nan, dtype=np.float32)
+    head_skip, tail_skip = _template_edges(probe) if perplexity else (0, 0)
+    lm_head = probe.loaded.model.get_output_embeddings() if perplexity else None
+    final = probe.n_layers
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = [encoded[i][0] for i in rows]
+        states, mask = probe.hidden_states(batch)
+        weights = _mean_weights(mask)
+        for li, layer in enumerate(layers):
+            h = states[layer]
+            last = compute_all(h[:, -1, :], metrics)
+            per_token = compute_all(h, metrics)
+            for mi, m in enumerate(metrics):
+                flip = not METRICS[m].higher_is_sparser
+                lv = last[m].double().cpu().numpy()
+                mv = (per_token[m] * weights).sum(-1).double().cpu().numpy()
+                values[rows, li * len(metrics) + mi] = 1.0 - lv if flip else lv
+                values[rows, k + li * len(metrics) + mi] = 1.0 - mv if flip else mv
+        if lm_head is not None and final in states:
+            width = mask.shape[1]
+            with torch.inference_mode():
+                for r, i in enumerate(rows):
+                    ids, truncated = encoded[i]
+                    n = len(ids)
+                    lo = 1 if truncated else max(1, head_skip)
+                    hi = n - tail_skip if n - tail_skip > lo else n
+                    hidden = states[final][r, width - n + lo - 1 : width - n + hi - 1]
+                    logp = torch.log_softmax(lm_head(hidden.to(lm_head.weight.dtype)).float(), -1)
+                    target = torch.tensor(ids[lo:hi], device=logp.device)
+                    nll[i] = float(-logp.gather(1, target[:, None]).mean())
+        if bar is not None:
+            bar.update(len(rows))
+    n_tokens = np.array([len(e[0]) for e in encoded], dtype=np.int32)
+    truncated_arr = np.array([e[1] for e in encoded], dtype=bool)
+    return values, n_tokens, truncated_arr, nll
+
+
+def _template_edges(probe: SparsityProbe) -> tuple[int, int]:
+    """Tokens the chat template adds before and after the user's text (common to all prompts)."""
+    a, _ = probe.encode("a")
+    b, _ = probe.encode("b")
+    head = 0
+    while head < min(len(a), len(b)) and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    return head, tail

@@ -1,0 +1,219 @@
+"""Supervised calibration: the probability that the large model does better on a prompt.
+
+A :class:`SupervisedModel` is an L2-regularised logistic regression on standardised probe
+features (oriented sparsity at chosen layers, metrics and positions, see
+:mod:`probes.features`) plus ``log_tokens`` (log of the prompt's token count), fitted on prompts
+labelled with both models' outcomes. The target is "the large model does better": the large
+model was right and the small one wrong (not "the small model fails", which also counts prompts
+neither model gets right).
+
+It is stored as plain JSON (feature names, means, scales, coefficients; no pickle) inside the
+calibration file and carries the probe fingerprint it was fitted with. Applying it to a live
+:class:`~probes.probe.ProbeResult` is a dot product over a few dozen numbers (microseconds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from probes.features import feature_value, parse_feature
+
+if TYPE_CHECKING:
+    from probes.probe import ProbeResult
+
+__all__ = [
+    "LENGTH_FEATURE",
+    "SupervisedModel",
+    "fit_logistic",
+    "required_probe",
+]
+
+#: The non-probe feature: log of the prompt's token count.
+LENGTH_FEATURE: Final = "log_tokens"
+
+FloatArray = NDArray[np.float64]
+
+
+def fit_logistic(
+    X: FloatArray, y: NDArray[np.bool_], *, l2: float = 1.0, iterations: int = 50
+) -> tuple[FloatArray, float, FloatArray, FloatArray]:
+    """(coef, intercept, mean, scale) of an L2 logistic regression on standardised ``X``.
+
+    Newton's method on the penalised log-likelihood (``l2`` times ½‖w‖², intercept unpenalised);
+    features with zero spread get scale 1 and (in effect) weight 0.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    t = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] != t.shape[0]:
+        raise ValueError(f"X must be (n, k) with n = len(y); got {X.shape} and {t.shape}")
+    if X.shape[0] == 0 or t.min() == t.max():
+        raise ValueError("fitting needs both classes among the labels")
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[~(scale > 1e-12)] = 1.0
+    Z = np.column_stack([np.ones(X.shape[0]), (X - mean) / scale])
+    w = np.zeros(Z.shape[1])
+    w[0] = math.log(t.mean() / (1.0 - t.mean()))
+    penalty = np.full(Z.shape[1], l2)
+    penalty[0] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(Z @ w, -35, 35)))
+        grad = Z.T @ (p - t) + penalty * w
+        hess = (Z * (p * (1.0 - p))[:, None]).T @ Z + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if float(np.abs(step).max()) < 1e-8:
+            break
+    return w[1:].copy(), float(w[0]), mean, scale
+
+
+class SupervisedModel(BaseModel):
+    """P(large model does better | probe features); see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(
+        "large_better", description="what was predicted: large model right, small model wrong"
+    )
+    features: tuple[str, ...] = Field(min_length=1)
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    l2: float = Field(1.0, ge=0)
+    n_train: int = Field(0, ge=0, description="labelled prompts it was fitted on")
+    positives: int = Field(0, ge=0, description="of which the large model did better")
+    cv: dict[str, float] = Field(
+        default_factory=dict, description="cross-validated scores on the training labels"
+    )
+    p_quantiles: dict[str, float] = Field(
+        default_factory=dict, description="quantiles of P on the training prompts ('q0.5': ...)"
+    )
+
+    # (layer or -1 for length, metric, token mean?, flip to "higher = sparser"?, mean, coef/scale)
+    _plan: list[tuple[int, str, bool, bool, float, float]] = PrivateAttr(default_factory=list)
+
+    def model_post_init(self, context: Any, /) -> None:
+        from probes.metrics import METRICS
+
+        plan = []
+        k = len(self.features)
+        if not len(self.mean) == len(self.scale) == len(self.coef) == k or min(self.scale) <= 0:
+            return  # refused with a clear message by _check
+        for name, m, s, c in zip(self.features, self.mean, self.scale, self.coef, strict=True):
+            if name == LENGTH_FEATURE:
+                plan.append((-1, "", False, False, m, c / s))
+            else:
+                layer, metric, pos = parse_feature(name)
+                flip = metric in METRICS and not METRICS[metric].higher_is_sparser
+                plan.append((layer, metric, pos == "mean", flip, m, c / s))
+        self._plan = plan
+
+    @model_validator(mode="after")
+    def _check(self) -> SupervisedModel:
+        k = len(self.features)
+        for name in ("mean", "scale", "coef"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, features {k}")
+        if any(not s > 0 for s in self.scale):
+            raise ValueError("every scale must be > 0")
+        for f in self.features:
+            if f != LENGTH_FEATURE:
+                parse_feature(f)
+        return self
+
+    @classmethod
+    def fit(
+        cls,
+        X: FloatArray,
+        y: NDArray[np.bool_],
+        features: Sequence[str],
+        *,
+        l2: float = 1.0,
+        cv: dict[str, float] | None = None,
+    ) -> SupervisedModel:
+        coef, intercept, mean, scale = fit_logistic(X, y, l2=l2)
+        model = cls(
+            features=tuple(features),
+            mean=tuple(float(v) for v in mean),
+            scale=tuple(float(v) for v in scale),
+            coef=tuple(float(v) for v in coef),
+            intercept=intercept,
+            l2=l2,
+            n_train=len(y),
+            positives=int(np.sum(y)),
+            cv=dict(cv or {}),
+        )
+        p = model.predict_matrix(X)
+        quantiles = {f"q{q:g}": float(np.quantile(p, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+        return model.model_copy(update={"p_quantiles": quantiles})
+
+    # -- applying ------------------------------------------------------------------------
+    def predict_matrix(self, X: FloatArray) -> FloatArray:
+        """P for each row of a feature matrix whose columns follow :attr:`features`."""
+        z = ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ np.asarray(self.coef)
+        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z + self.intercept, -35, 35))))
+
+    def vector(self, result: ProbeResult) -> list[float]:
+        """The model's input features read from a probe result (KeyError when not measured)."""
+        out = []
+        for name in self.features:
+            if name == LENGTH_FEATURE:
+                out.append(math.log(max(1, result.n_tokens)))
+            else:
+                out.append(feature_value(result, *parse_feature(name)))
+        return out
+
+    def predict(self, result: ProbeResult) -> float:
+        """P(large model does better) for one probe result (KeyError when a feature is not
+        measured). A few microseconds: one pass over a precomputed plan."""
+        z = self.intercept
+        for layer, metric, mean, flip, mu, w in self._plan:
+            if layer < 0:
+                x = math.log(max(1, result.n_tokens))
+            else:
+                table = result.metrics_mean if mean else result.metrics
+                if table is None:
+                    raise KeyError("token-mean metrics were not measured")
+                v = table[layer][metric]
+                x = 1.0 - v if flip else v
+            z += w * (x - mu)
+        return 1.0 / (1.0 + math.exp(-max(-35.0, min(35.0, z))))
+
+    def probe_needs(self) -> tuple[tuple[int, ...], bool]:
+        """(layers the probe must report, whether it needs token-mean metrics)."""
+        parsed = [parse_feature(f) for f in self.features if f != LENGTH_FEATURE]
+        layers = tuple(sorted({p[0] for p in parsed}))
+        return layers, any(p[2] == "mean" for p in parsed)
+
+    def check_probe(self, layers: Sequence[int], token_mean: bool, metrics: Sequence[str]) -> None:
+        """ValueError naming what a probe configuration lacks to feed this model."""
+        need_layers, need_mean = self.probe_needs()
+        missing = sorted(set(need_layers) - set(layers))
+        problems = []
+        if missing:
+            problems.append(f"layers {missing} (set probe.layers to include them)")
+        if need_mean and not token_mean:
+            problems.append("token-mean metrics (set probe.token_mean: true)")
+        need_metrics = {parse_feature(f)[1] for f in self.features if f != LENGTH_FEATURE}
+        if need_metrics - set(metrics):
+            problems.append(f"metrics {sorted(need_metrics - set(metrics))} (add to probe.metrics)")
+        if problems:
+            raise ValueError("the supervised model needs " + "; ".join(problems))
+
+
+def required_probe(models: Sequence[SupervisedModel]) -> dict[str, Any]:
+    """Probe settings (layers, token_mean) that cover every model's features."""
+    layers: set[int] = set()
+    mean = False
+    for m in models:
+        ls, needs_mean = m.probe_needs()
+        layers |= set(ls)
+        mean = mean or needs_mean
+    return {"layers": tuple(sorted(layers)), "token_mean": mean}

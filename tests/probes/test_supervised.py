@@ -1,0 +1,178 @@
+"""The supervised P(large does better) model: fitting, JSON round trip, request-time use."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from policies.engine import PolicyEngine, RequestContext
+from policies.loader import parse_settings
+from probes.calibration import Calibration
+from probes.metrics import sparsity
+from probes.probe import ProbeResult
+from probes.supervised import LENGTH_FEATURE, SupervisedModel, fit_logistic
+
+FEATURES = ("L2.gini.last", "L4.effective_rank.mean", LENGTH_FEATURE)
+
+
+def probe_result(gini: float, rank: float, n_tokens: int) -> ProbeResult:
+    return ProbeResult(
+        n_tokens=n_tokens,
+        score=gini,
+        metrics={2: {"gini": gini}, 4: {"gini": 0.1}},
+        metrics_mean={2: {"gini": 0.2}, 4: {"effective_rank": rank}},
+    )
+
+
+def synthetic(n: int = 400, seed: int = 0) -> tuple[list[ProbeResult], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gini = rng.uniform(0.2, 0.8, n)
+    rank = rng.uniform(0.1, 0.6, n)
+    tokens = rng.integers(5, 300, n)
+    # large helps on sparse (high gini) prompts with a low effective rank (= sparser)
+    logit = 8 * (gini - 0.5) - 6 * (rank - 0.35)
+    y = rng.random(n) < 1 / (1 + np.exp(-logit))
+    results = [
+        probe_result(float(g), float(r), int(t)) for g, r, t in zip(gini, rank, tokens, strict=True)
+    ]
+    return results, y
+
+
+def matrix(model: SupervisedModel, results: list[ProbeResult]) -> np.ndarray:
+    return np.array([model.vector(r) for r in results])
+
+
+def test_fit_logistic_recovers_directions() -> None:
+    results, y = synthetic()
+    X = np.array([[r.metrics[2]["gini"], r.metrics_mean[4]["effective_rank"]] for r in results])  # type: ignore[index]
+    coef, intercept, mean, scale = fit_logistic(X, y, l2=1.0)
+    assert coef[0] > 0.5 and coef[1] < -0.3
+    assert math.isfinite(intercept)
+    assert mean.shape == (2,) and (scale > 0).all()
+    with pytest.raises(ValueError, match="both classes"):
+        fit_logistic(X, np.zeros(len(y), dtype=bool))
+
+
+def test_vector_orients_metrics_and_logs_length() -> None:
+    model = SupervisedModel(
+        features=FEATURES, mean=(0, 0, 0), scale=(1, 1, 1), coef=(0, 0, 0), intercept=0.0
+    )
+    r = probe_result(0.7, 0.25, 100)
+    assert model.vector(r) == pytest.approx([0.7, sparsity("effective_rank", 0.25), math.log(100)])
+    assert model.predict(r) == pytest.approx(0.5)
+    assert model.probe_needs() == ((2, 4), True)
+
+
+def test_predict_matches_matrix_and_json_round_trip(tmp_path: Path) -> None:
+    results, y = synthetic()
+    probe_model = SupervisedModel(
+        features=FEATURES, mean=(0, 0, 0), scale=(1, 1, 1), coef=(0, 0, 0), intercept=0.0
+    )
+    X = matrix(probe_model, results)
+    model = SupervisedModel.fit(X, y, FEATURES, l2=1.0, cv={"apgr": 0.7})
+    p_matrix = model.predict_matrix(X)
+    p_one = np.array([model.predict(r) for r in results])
+    assert p_one == pytest.approx(p_matrix, abs=1e-12)
+    # better than chance at ranking its own training labels
+    assert p_matrix[y].mean() > p_matrix[~y].mean() + 0.2
+    assert set(model.p_quantiles) == {"q0.1", "q0.25", "q0.5", "q0.75", "q0.9"}
+    again = SupervisedModel.model_validate_json(model.model_dump_json())
+    assert again == model
+    text = json.loads(model.model_dump_json())
+    assert text["features"] == list(FEATURES) and text["cv"] == {"apgr": 0.7}
+
+
+def test_invalid_models_are_refused() -> None:
+    with pytest.raises(ValueError, match="coef has 1 entries, features 2"):
+        SupervisedModel(features=FEATURES[:2], mean=(0, 0), scale=(1, 1), coef=(1,), intercept=0.0)
+    with pytest.raises(ValueError, match="must look like 'L<layer>"):
+        SupervisedModel(features=("gini",), mean=(0,), scale=(1,), coef=(1,), intercept=0.0)
+
+
+def test_check_probe_names_what_is_missing() -> None:
+    model = SupervisedModel(
+        features=FEATURES, mean=(0, 0, 0), scale=(1, 1, 1), coef=(1, 1, 1), intercept=0.0
+    )
+    model.check_probe([2, 4, 10], True, ["gini", "effective_rank"])
+    with pytest.raises(ValueError, match=r"layers \[4\].*token-mean"):
+        model.check_probe([2], False, ["gini", "effective_rank"])
+
+
+def fitted_calibration(model: SupervisedModel | None) -> Calibration:
+    results = [probe_result(0.2 + i / 200, 0.3, 10 + i) for i in range(100)]
+    cal = Calibration.fit(results, {"model": "m", "layer": 2}, min_per_bucket=20)
+    return cal.model_copy(update={"supervised": model})
+
+
+def test_calibration_carries_the_model(tmp_path: Path) -> None:
+    results, y = synthetic()
+    X = matrix(
+        SupervisedModel(
+            features=FEATURES, mean=(0, 0, 0), scale=(1, 1, 1), coef=(0, 0, 0), intercept=0.0
+        ),
+        results,
+    )
+    model = SupervisedModel.fit(X, y, FEATURES)
+    path = fitted_calibration(model).save(tmp_path / "c.json")
+    loaded = Calibration.load(path)
+    assert loaded.supervised == model
+    r = loaded.with_percentile(probe_result(0.7, 0.2, 50))
+    assert r.percentile is not None and r.p_large == pytest.approx(
+        model.predict(probe_result(0.7, 0.2, 50))
+    )
+    assert ProbeResult.from_dict(r.to_dict()).p_large == r.p_large
+    # a result without the model's features gets no p_large (and no error)
+    bare = ProbeResult(n_tokens=5, score=0.3, metrics={2: {"gini": 0.3}})
+    assert loaded.with_percentile(bare).p_large is None
+    # an old calibration (no supervised model) still loads and sets no p_large
+    plain = Calibration.load(fitted_calibration(None).save(tmp_path / "plain.json"))
+    assert plain.supervised is None
+    assert plain.with_percentile(probe_result(0.7, 0.2, 50)).p_large is None
+
+
+POLICY = """
+backends:
+  small: {type: local}
+  large: {type: local}
+calibration: {path: c.json}
+policies:
+  default:
+    rules:
+      - name: likely-better
+        when:
+          p_large: {min: 0.6}
+        route: large
+    default: small
+    on_probe_error: small
+"""
+
+
+def test_policy_bands_on_p_large() -> None:
+    engine = PolicyEngine(parse_settings(POLICY, env={}))
+    ctx = RequestContext(model="auto")
+    assert engine.needs_probe("default")
+
+    def route(p: float | None) -> str:
+        r = ProbeResult(n_tokens=5, score=0.1, metrics={}, percentile=0.5, p_large=p)
+        return engine.decide("default", r, ctx).backend
+
+    assert route(0.9) == "large"
+    assert route(0.6) == "large"
+    assert route(0.59) == "small"
+    assert route(None) == "small"  # a calibration without a supervised model
+    decision = engine.decide(
+        "default", ProbeResult(n_tokens=5, score=0.1, metrics={}, p_large=0.75), ctx
+    )
+    assert "p_large 0.75 in [0.6, inf)" in decision.reason
+
+
+def test_p_large_needs_a_calibration() -> None:
+    text = POLICY.replace("calibration: {path: c.json}\n", "")
+    with pytest.raises(ValueError, match=r"policies\.default\.rules\[0\]\.when\.p_large: p_large"):
+        parse_settings(text, env={})
+    with pytest.raises(ValueError, match="p_large"):
+        parse_settings(POLICY.replace("{min: 0.6}", "{min: 1.5}"), env={})

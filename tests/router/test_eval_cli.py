@@ -1,0 +1,169 @@
+"""``sparsity-router eval`` and ``calibrate --labels`` end to end, on a tiny model and hand-made
+outcome files (nothing from ../shared/data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from probes.calibration import Calibration
+from router.cli import main
+
+SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+LARGE = "gpt-4-1106-preview"
+
+
+@pytest.fixture
+def tiny(tiny_model_dir: Path) -> list[str]:
+    return ["--model", str(tiny_model_dir), "--device", "cpu", "--layer=-1"]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 prompts in RouteLLM's layout: the large model does better on the long ones."""
+    words = "the quick brown fox jumps over lazy dog what is two plus four eggs bake".split()
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("labels") / "outcomes.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["prompt", SMALL, LARGE])
+        for i in range(60):
+            k = rng.randint(2, 40)
+            text = f"{i} " + " ".join(rng.choices(words, k=k))
+            large_helps = k > 20 and rng.random() < 0.8
+            small_ok = not large_helps and rng.random() < 0.7
+            out.writerow([text, str(small_ok), str(large_helps or rng.random() < 0.7)])
+    return path
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_end_to_end(
+    tiny: list[str], outcomes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    args = [
+        "eval",
+        *tiny,
+        "--data",
+        str(outcomes),
+        "--features-cache",
+        str(cache),
+        "--folds",
+        "3",
+        "--plot",
+        str(tmp_path / "curves.png"),
+        "--json",
+        str(tmp_path / "eval.json"),
+    ]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    for name in ("random", "length", "perplexity", "embedding LR", "sparsity LR", "oracle"):
+        assert name in out
+    assert "configured (L4.top10_energy.last)" in out
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    numbers = json.loads((tmp_path / "eval.json").read_text())
+    routers = numbers["routers"]
+    assert numbers["n"] == 60 and numbers["folds"] == 3
+    assert len(routers["sparsity LR"]["apgr_folds"]) == 3 and routers["sparsity LR"]["trained"]
+    # length was built to predict who does better; the oracle bounds everything
+    assert routers["length"]["apgr"] > 0.6
+    assert routers["oracle"]["apgr"] > max(r["apgr"] for k, r in routers.items() if k != "oracle")
+    assert abs(routers["random"]["apgr"] - 0.5) < 0.1
+
+    # a re-run reads every feature from the cache: same numbers, no new cache files
+    files = sorted(p.name for p in cache.rglob("*.npz"))
+    code, out2, err = run(args, capsys)
+    assert "sparsity LR" in out2
+    assert code == 0, err
+    assert sorted(p.name for p in cache.rglob("*.npz")) == files
+    assert json.loads((tmp_path / "eval.json").read_text()) == numbers
+
+
+def test_eval_bad_column(
+    tiny: list[str], outcomes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        ["eval", *tiny, "--data", str(outcomes), "--large-column", "gpt5", "--no-embedding"],
+        capsys,
+    )
+    assert code == 2
+    assert "no column 'gpt5'" in err and "--large-column" in err and "Traceback" not in err
+
+
+def test_calibrate_labels_round_trip(
+    tiny: list[str], outcomes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "calib.json"
+    code, text, err = run(
+        [
+            "calibrate",
+            *tiny,
+            "--labels",
+            str(outcomes),
+            "--features-cache",
+            str(tmp_path / "cache"),
+            "--min-per-bucket",
+            "10",
+            "--layer=1",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "supervised model:" in text and "CV APGR" in text
+    calibration = Calibration.load(out)
+    model = calibration.supervised
+    assert model is not None
+    assert model.n_train == 60 and model.features[-1] == "log_tokens"
+    assert {f.split(".")[0] for f in model.features[:-1]} == {"L3", "L4"}
+    assert "apgr" in model.cv
+    # the extra layers the model needs do not move the headline score
+    assert calibration.fingerprint["layer"] == 1
+    assert "layers: [1, 3, 4], score_layer: 1, token_mean: true" in text
+    # the probe, asked for the layers the model needs, reports p_large with the calibration
+    code, text, err = run(
+        [
+            "probe",
+            *tiny,
+            "--layers=1,3,4",
+            "--layer=1",
+            "--token-mean",
+            "--json",
+            "--calibration",
+            str(out),
+            "a short prompt",
+            "the quick brown fox jumps over the lazy dog " * 4,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert all(0.0 < r["p_large"] < 1.0 for r in rows)
+    assert all(r["percentile"] is not None for r in rows)
+
+
+def test_calibrate_needs_reference_or_labels(
+    tiny: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["calibrate", *tiny, "--out", str(tmp_path / "c.json")], capsys)
+    assert code == 2 and "--reference FILE" in err and "--labels FILE" in err
+
+
+def test_calibrate_bad_feature(
+    tiny: list[str], outcomes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["calibrate", *tiny, "--labels", str(outcomes), "--out", str(tmp_path / "c.json")]
+    code, _, err = run([*base, "--features", "L2.gini"], capsys)
+    assert code == 2 and "must look like 'L<layer>.<metric>.<last|mean>'" in err
+    code, _, err = run([*base, "--features", "L9.gini.last"], capsys)
+    assert code == 2 and "outside 0..4" in err

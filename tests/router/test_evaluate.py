@@ -1,0 +1,166 @@
+"""Routing evaluation on hand-made data: outcome files, folds, APGR/CPT of known routers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probes.features import FeatureTable
+from router.evaluate import evaluate, fold_ids, supervised_features
+from router.outcomes import OutcomeDataError, OutcomeSet, read_outcomes
+
+ROUTELLM_HEADER = "prompt,mistralai/Mixtral-8x7B-Instruct-v0.1,gpt-4-1106-preview\n"
+
+
+def table_for(n_tokens: np.ndarray, values: np.ndarray, names: tuple[str, ...]) -> FeatureTable:
+    n = n_tokens.shape[0]
+    return FeatureTable(
+        names=names,
+        values=values.reshape(n, len(names)),
+        n_tokens=n_tokens.astype(np.float64),
+        truncated=np.zeros(n, dtype=bool),
+        nll=np.linspace(1.0, 2.0, n),
+    )
+
+
+# -- outcome files ------------------------------------------------------------------------------
+
+
+def test_routellm_layout_as_is(tmp_path: Path) -> None:
+    folder = tmp_path / "mmlu"
+    folder.mkdir()
+    (folder / "mmlu_a.csv").write_text(
+        ROUTELLM_HEADER + '"Q1\nA. x\nAnswer:",True,True\nQ2,False,True\nQ3,False,False\n',
+        encoding="utf-8",
+    )
+    (folder / "mmlu_b.csv").write_text(ROUTELLM_HEADER + "Q4,True,False\n", encoding="utf-8")
+    contaminated = folder / "contaminated_prompts.jsonl"
+    contaminated.write_text(json.dumps({"eval_prompt": "Q3"}) + "\n", encoding="utf-8")
+    data = read_outcomes([folder], exclude=contaminated)
+    assert data.prompts == ["Q1\nA. x\nAnswer:", "Q2", "Q4"]
+    assert data.small.tolist() == [1.0, 0.0, 1.0]
+    assert data.large.tolist() == [1.0, 1.0, 0.0]
+    assert data.groups == ["mmlu_a", "mmlu_a", "mmlu_b"]
+    assert data.large_better.tolist() == [False, True, False]
+
+
+def test_jsonl_with_named_columns_and_sample(tmp_path: Path) -> None:
+    path = tmp_path / "o.jsonl"
+    rows = [{"q": f"question {i}", "s": i % 2 == 0, "l": 0.5 + (i % 3) / 4} for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = read_outcomes([path], prompt_col="q", small_col="s", large_col="l", sample=5, seed=3)
+    assert len(data) == 5
+    again = read_outcomes([path], prompt_col="q", small_col="s", large_col="l", sample=5, seed=3)
+    assert data.prompts == again.prompts
+    assert [int(p.split()[1]) for p in data.prompts] == sorted(
+        int(p.split()[1]) for p in data.prompts
+    )
+    assert set(data.large.tolist()) <= {0.5, 0.75, 1.0}
+
+
+def test_missing_column_names_what_exists(tmp_path: Path) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text("prompt,small,large\nhi,True,False\n", encoding="utf-8")
+    with pytest.raises(OutcomeDataError, match=r"no column 'mistralai/.*'small'.*--small-column"):
+        read_outcomes([path])
+
+
+def test_bad_value_names_file_row_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text("prompt,s,l\nhi,True,False\nho,maybe,True\n", encoding="utf-8")
+    with pytest.raises(OutcomeDataError, match=r"o\.csv:3: column 's' holds 'maybe'"):
+        read_outcomes([path], small_col="s", large_col="l")
+    path.write_text("prompt,s,l\nhi,1.5,0\n", encoding="utf-8")
+    with pytest.raises(OutcomeDataError, match=r"outside \[0, 1\]"):
+        read_outcomes([path], small_col="s", large_col="l")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(OutcomeDataError, match="does not exist"):
+        read_outcomes([tmp_path / "nope.csv"])
+
+
+# -- folds and metrics ----------------------------------------------------------------------------
+
+
+def test_folds_are_stratified_by_outcome_pair() -> None:
+    rng = np.random.default_rng(0)
+    small = (rng.random(500) < 0.6).astype(float)
+    large = (rng.random(500) < 0.8).astype(float)
+    fold = fold_ids(small, large, 5, seed=0)
+    assert sorted(np.unique(fold).tolist()) == [0, 1, 2, 3, 4]
+    pair = 2 * small + large
+    for v in np.unique(pair):
+        counts = [int(((fold == k) & (pair == v)).sum()) for k in range(5)]
+        assert max(counts) - min(counts) <= 1, (v, counts)
+
+
+def _known_set(n_blocks: int = 40) -> tuple[OutcomeSet, np.ndarray]:
+    """Blocks of 10 prompts: 3 large-only right, 1 small-only right, 4 both, 2 neither.
+
+    q_small = 0.5, q_large = 0.7. The oracle sends the large-better prompts first, the ties
+    after, the small-better ones last.
+    """
+    pattern = [(0, 1)] * 3 + [(1, 0)] + [(1, 1)] * 4 + [(0, 0)] * 2
+    rows = pattern * n_blocks
+    small = np.array([a for a, _ in rows], dtype=float)
+    large = np.array([b for _, b in rows], dtype=float)
+    data = OutcomeSet([f"p{i}" for i in range(len(rows))], small, large, ["g"] * len(rows))
+    return data, large - small
+
+
+def test_oracle_random_and_length_on_known_data() -> None:
+    data, gain = _known_set()
+    n = len(data)
+    # The oracle's curve: 0.5 -> 0.8 over c in [0, 0.3], flat to 0.9, down to 0.7 at 1:
+    # area = 0.3 * 0.65 + 0.6 * 0.8 + 0.1 * 0.75 = 0.75, APGR = (0.75 - 0.5) / 0.2 = 1.25
+    expected_oracle = 1.25
+    # a length feature that equals the gain: identical to the oracle
+    names = ("L1.top1_energy.last", "L1.top1_energy.mean")
+    values = np.column_stack([gain, -gain]).astype(np.float64)
+    table = table_for(np.full(n, 10.0), values, names)
+    report = evaluate(data, table, configured=("configured", gain), features=names, folds=5)
+    by = {r.name: r for r in report.routers}
+    assert by["oracle"].mean("apgr") == pytest.approx(expected_oracle, abs=1e-9)
+    assert by["configured"].mean("apgr") == pytest.approx(expected_oracle, abs=1e-9)
+    # q rises by 1 per unit share at first: 50% of the 0.2 gap at c = 0.1, 80% at c = 0.16
+    assert by["oracle"].mean("cpt50") == pytest.approx(0.1, abs=1e-9)
+    assert by["oracle"].mean("cpt80") == pytest.approx(0.16, abs=1e-9)
+    assert by["oracle"].mean("auroc") == pytest.approx(1.0)
+    # random is 0.5 in expectation; constant length ties everything: exactly 0.5
+    assert by["random"].mean("apgr") == pytest.approx(0.5, abs=0.05)
+    assert by["length"].mean("apgr") == pytest.approx(0.5, abs=1e-12)
+    # the supervised router learns the separating feature out of fold
+    assert by["sparsity LR"].mean("apgr") > 0.95 * expected_oracle
+    assert by["sparsity LR"].trained and not by["length"].trained
+    assert len(by["sparsity LR"].apgr) == 5
+    assert "sparsity LR" in report.table() and "| oracle |" in report.markdown()
+
+
+def test_reversed_router_mirrors() -> None:
+    data, gain = _known_set()
+    names = ("L1.gini.last",)
+    table = table_for(np.arange(len(data)) + 1.0, gain[:, None], names)
+    up = evaluate(data, table, configured=("up", gain), features=names, folds=4)
+    down = evaluate(data, table, configured=("down", -gain), features=names, folds=4)
+    a = next(r for r in up.routers if r.name == "up").mean("apgr")
+    b = next(r for r in down.routers if r.name == "down").mean("apgr")
+    assert a + b == pytest.approx(1.0)
+
+
+def test_no_gap_is_an_error() -> None:
+    data = OutcomeSet(["a", "b", "c", "d"], np.ones(4), np.ones(4), ["g"] * 4)
+    table = table_for(np.arange(4.0) + 1, np.zeros(4), ("L1.gini.last",))
+    with pytest.raises(OutcomeDataError, match="equally good"):
+        evaluate(data, table, features=("L1.gini.last",), folds=2)
+
+
+def test_recipe_fits_the_model_depth() -> None:
+    deep = supervised_features(30)
+    shallow = supervised_features(4)
+    assert all(int(f.split(".")[0][1:]) <= 4 for f in shallow) and shallow
+    assert len(deep) >= len(shallow)
+    assert all(f.split(".")[2] in ("last", "mean") for f in deep)
