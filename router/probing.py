@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.to_thread
@@ -22,12 +22,28 @@ import anyio.to_thread
 from probes.calibration import Calibration
 from probes.errors import ProbeError
 from probes.probe import ProbeInput, ProbeResult, SparsityProbe
+from router.remote_probe import RemoteProbeError
 
-__all__ = ["CacheState", "ProbeOutcome", "ProbeService"]
+__all__ = ["CacheState", "ProbeOutcome", "ProbeService", "Prober"]
 
 logger = logging.getLogger(__name__)
 
 CacheState = Literal["hit", "miss", "off"]
+
+
+class Prober(Protocol):
+    """What the service needs of a probe: ``SparsityProbe`` or ``router.remote_probe``'s.
+
+    A prober with an ``ameasure_one`` coroutine (the remote probe) is awaited on the event loop
+    and may run many requests at once; otherwise ``measure_one`` runs in a worker thread, one
+    pass at a time.
+    """
+
+    n_layers: int
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def measure_one(self, item: ProbeInput) -> ProbeResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +68,7 @@ class _Flight:
 class ProbeService:
     def __init__(
         self,
-        probe: SparsityProbe,
+        probe: SparsityProbe | Prober,
         *,
         calibration: Calibration | None,
         cache: Any | None,  # router.cache.ProbeCache
@@ -102,12 +118,19 @@ class ProbeService:
     async def _run(self, item: ProbeInput) -> tuple[ProbeResult | None, str | None]:
         try:
             with anyio.fail_after(self.timeout_s):
-                result = await anyio.to_thread.run_sync(
-                    self.probe.measure_one, item, limiter=self._limiter, abandon_on_cancel=True
-                )
+                ameasure = getattr(self.probe, "ameasure_one", None)
+                if ameasure is not None:
+                    result = await ameasure(item)
+                else:
+                    result = await anyio.to_thread.run_sync(
+                        self.probe.measure_one, item, limiter=self._limiter, abandon_on_cancel=True
+                    )
         except TimeoutError:
             logger.warning("probe missed its %.2f s deadline", self.timeout_s)
             return None, "timeout"
+        except RemoteProbeError as exc:  # server down, slow or mismatched: not the input's fault
+            logger.warning("remote probe failed: %s", exc)
+            return None, "model"
         except ProbeError as exc:
             logger.info("probe refused the input: %s", exc)
             return None, "input"
@@ -117,6 +140,12 @@ class ProbeService:
         if self.calibration is not None:
             result = self.calibration.with_percentile(result)
         return result, None
+
+    async def aclose(self) -> None:
+        """Close the probe's connections (the remote probe's HTTP client)."""
+        aclose = getattr(self.probe, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     def _done(self, outcome: ProbeOutcome) -> ProbeOutcome:
         if self._on_measured is not None:

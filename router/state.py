@@ -20,6 +20,7 @@ from router.backends.openai import OpenAIBackend
 from router.cache import MemoryCache
 from router.metrics import GatewayMetrics
 from router.probing import ProbeService
+from router.remote_probe import RemoteProbe
 
 __all__ = ["GatewayState", "build_state"]
 
@@ -49,6 +50,8 @@ class GatewayState:
         return matched
 
     async def aclose(self) -> None:
+        if self.probe is not None:
+            await self.probe.aclose()
         for backend in self.backends.values():
             try:
                 await backend.aclose()
@@ -72,18 +75,22 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         for b in settings.backends.values()
     )
     service: ProbeService | None = None
-    if probe is None and (probe_needed or needs_local_probe_model):
+    remote = None  # probe.backend: vllm measures on a pooling server (router/remote_probe.py)
+    if probe is None and probe_needed and settings.probe.backend == "vllm":
+        remote = RemoteProbe.from_section(settings.probe)
+    if probe is None and ((probe_needed and remote is None) or needs_local_probe_model):
         probe = SparsityProbe(probe_settings)
-    engine = PolicyEngine(settings, n_layers=probe.n_layers if probe is not None else None)
-    if probe is not None and probe_needed:
+    prober: SparsityProbe | RemoteProbe | None = remote or probe
+    engine = PolicyEngine(settings, n_layers=prober.n_layers if prober is not None else None)
+    if prober is not None and probe_needed:
         calibration = None
         path = settings.calibration_path()
         if path is not None:
-            calibration = Calibration.load(path, expect_fingerprint=probe.fingerprint())
+            calibration = Calibration.load(path, expect_fingerprint=prober.fingerprint())
         memory = settings.cache.memory
         cache = MemoryCache(memory.max_entries, memory.ttl_s) if memory.max_entries > 0 else None
         service = ProbeService(
-            probe,
+            prober,
             calibration=calibration,
             cache=cache,
             timeout_s=settings.probe.timeout_s,
