@@ -10,7 +10,6 @@ from policies.errors import ConfigError
 from policies.loader import load_settings, parse_settings
 from probes.probe import ProbeSettings
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "vllm-probe.yaml"
 
 REST = """\
@@ -45,8 +44,20 @@ def test_example_loads() -> None:
     assert s.probe.vllm.base_url == "http://127.0.0.1:8010/v1"
 
 
-def test_bad_remote_probe_names_every_yaml_path() -> None:
-    path = CONFIGS / "bad-remote-probe.yaml"
+BAD = (
+    """\
+probe:
+  backend: vllm
+  layers: [8, 10]
+  token_mean: true
+"""
+    + REST
+)
+
+
+def test_bad_remote_probe_names_every_yaml_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad-remote-probe.yaml"
+    path.write_text(BAD)
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     text = str(info.value)
