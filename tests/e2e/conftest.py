@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.vllm_server import ROOT, VllmServer
+from tests.e2e.vllm_server import ROOT, VllmServer, wait_healthy
 
 SKIP_ENV = "SPARSITY_ROUTER_SKIP_E2E"
 #: Generous: two servers start at once on a small, shared CPU (~80-200 s each).
@@ -68,8 +68,7 @@ def vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServe
     try:
         generate.launch()
         probe.launch()
-        generate.wait_healthy(START_TIMEOUT_S)
-        probe.wait_healthy(START_TIMEOUT_S)
+        wait_healthy([generate, probe], START_TIMEOUT_S)
         servers = VllmServers(generate, probe, time.monotonic() - started)
         print(
             f"\nvLLM servers healthy after {servers.start_s:.0f} s (generate "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["ROOT", "VllmServer", "free_port"]
+__all__ = ["ROOT", "VllmServer", "free_port", "wait_healthy"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = ROOT / "scripts" / "vllm_serve.sh"
@@ -60,24 +60,21 @@ class VllmServer:
         self._launched = time.monotonic()
         return self
 
-    def wait_healthy(self, timeout: float) -> VllmServer:
+    def healthy(self) -> bool:
+        """Whether ``/health`` answers 200 now; raises if the server process has exited."""
         assert self.process is not None, "launch() first"
-        deadline = self._launched + timeout
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                raise RuntimeError(f"vLLM {self.mode} server exited with {code}:\n{self.tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    self.started_s = time.monotonic() - self._launched
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"vLLM {self.mode} server not healthy within {timeout:.0f} s:\n{self.tail()}"
-                )
-            time.sleep(1.0)
+        code = self.process.poll()
+        if code is not None:
+            raise RuntimeError(f"vLLM {self.mode} server exited with {code}:\n{self.tail()}")
+        if self.started_s is not None:
+            return True
+        try:
+            ok = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+        if ok:
+            self.started_s = time.monotonic() - self._launched
+        return ok
 
     def tail(self, lines: int = 40) -> str:
         try:
@@ -88,13 +85,15 @@ class VllmServer:
 
     def stop(self, grace: float = 20.0) -> None:
         process = self.process
-        if process is None or process.poll() is not None:
+        if process is None:
             return
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            if process.poll() is not None:
+                break
             try:
                 os.killpg(process.pid, sig)
             except ProcessLookupError:
-                return
+                break
             try:
                 process.wait(wait)
                 break
@@ -105,3 +104,14 @@ class VllmServer:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def wait_healthy(servers: list[VllmServer], timeout: float) -> None:
+    """Poll every server until all are healthy; past ``timeout`` raise with their logs' tails."""
+    deadline = time.monotonic() + timeout
+    while not all([s.healthy() for s in servers]):  # a list: poll every server each round
+        if time.monotonic() > deadline:
+            late = [s for s in servers if s.started_s is None]
+            logs = "\n\n".join(f"[{s.mode}]\n{s.tail()}" for s in late)
+            raise TimeoutError(f"vLLM server(s) not healthy within {timeout:.0f} s:\n{logs}")
+        time.sleep(1.0)
