@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve bench clean-venv
+.PHONY: setup test lint serve bench clean-venv vllm-venv
 
 setup: $(STAMP)
 
@@ -24,7 +24,12 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# The real vLLM (CPU build) the end-to-end tests run, in its own cached venv
+# (~/.cache/sparsity-router/venv-vllm, ~3.5 GB, ~3 min once; instant when present).
+vllm-venv:
+	scripts/vllm_venv.sh
+
+test: lint vllm-venv
 	$(BIN)/python -m pytest -q
 
 serve: setup

@@ -6,6 +6,7 @@ Sections (every model forbids unknown keys)::
     auth:            api_keys (empty strings dropped; no keys = no auth)
     probe:           ProbeSettings (probes.probe) + timeout_s, the gateway's deadline for one probe,
                      + batching {enabled, max_batch, window_ms} (micro-batching)
+                     + backend (local | vllm) and vllm {base_url, model, timeout_s}
     calibration:     path to a calibration JSON (relative to the config file's folder)
     cache:           memory {max_entries, ttl_s}, redis {url, ttl_s, timeout_s, key_prefix} | null
     backends:        name -> openai | local | human            (discriminated on `type`)
@@ -80,6 +81,7 @@ __all__ = [
     "Settings",
     "Timeouts",
     "VirtualModel",
+    "VllmProbeSettings",
     "format_loc",
 ]
 
@@ -222,6 +224,26 @@ class BatchingSettings(_Model):
     window_ms: float = Field(5.0, ge=0, le=1000, description="how long a batch collects")
 
 
+class VllmProbeSettings(_Model):
+    """Where the remote probe (``probe.backend: vllm``) finds its vLLM pooling server.
+
+    The server runs the folder ``python -m probes.derived --layer L`` prints, served under the
+    name ``--name`` prints (the default for ``model``); see README "vLLM backends".
+    """
+
+    base_url: str = Field(description="the server's …/v1 URL")
+    model: str | None = Field(None, description="served model name; None: the derived name")
+    timeout_s: float = Field(5.0, gt=0, description="per HTTP request to the server")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v.rstrip("/")
+
+
 class ProbeSection(ProbeSettings):
     """The ``probe:`` section: :class:`probes.probe.ProbeSettings` plus the gateway's deadline.
 
@@ -231,10 +253,46 @@ class ProbeSection(ProbeSettings):
 
     timeout_s: float = Field(2.0, gt=0, description="gateway-side deadline for one probe")
     batching: BatchingSettings = BatchingSettings()
+    backend: Literal["local", "vllm"] = Field(
+        "local", description="local: in-process forward pass; vllm: a vLLM pooling server"
+    )
+    vllm: VllmProbeSettings | None = None
 
     def probe_settings(self) -> ProbeSettings:
         """The plain :class:`ProbeSettings` (what ``SparsityProbe`` and calibrations compare)."""
-        return ProbeSettings(**self.model_dump(exclude={"timeout_s", "batching"}))
+        return ProbeSettings(
+            **self.model_dump(exclude={"timeout_s", "batching", "backend", "vllm"})
+        )
+
+    @model_validator(mode="after")
+    def _remote_probe_fits(self) -> ProbeSection:
+        """A vLLM pooling server returns one vector per request: one layer, last token."""
+        if self.backend != "vllm":
+            return self
+        problems: list[tuple[Loc, str]] = []
+        if self.vllm is None:
+            problems.append(
+                (("vllm",), "backend: vllm needs a `vllm:` section with base_url (and model)")
+            )
+        layers = set(self.layers) | ({self.score_layer} if self.score_layer is not None else set())
+        if len(layers) != 1:
+            problems.append(
+                (
+                    ("layers",),
+                    f"backend: vllm reads one layer per server, got layers {sorted(layers)}: "
+                    "give a single layer (and no other score_layer)",
+                )
+            )
+        elif 0 in layers:
+            problems.append((("layers",), "backend: vllm cannot read layer 0 (the embeddings)"))
+        if self.token_mean or self.score_position == "mean":
+            where = "token_mean" if self.token_mean else "score_position"
+            problems.append(
+                ((where,), "backend: vllm reads the last token only: remove token-mean settings")
+            )
+        if problems:
+            raise SchemaProblems(problems)
+        return self
 
 
 class CalibrationSettings(_Model):

@@ -47,7 +47,9 @@ __all__ = [
     "cache_dir",
     "convert_gguf",
     "load_model",
+    "load_tokenizer",
     "locate_bundled",
+    "model_dir",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -255,6 +257,11 @@ def _tokenizer(source: str, **kwargs: Any) -> Any:
     return tokenizer
 
 
+def load_tokenizer(source: str, **kwargs: Any) -> Any:
+    """The tokenizer of a model folder (or cached hub id), set up as the probe uses it."""
+    return _tokenizer(source, **kwargs)
+
+
 def _resolve_source(spec: str) -> tuple[str, dict[str, Any], list[str]]:
     """Turn a spec into (source for from_pretrained, kwargs, what was tried)."""
     tried: list[str] = []
@@ -276,6 +283,23 @@ def _resolve_source(spec: str) -> tuple[str, dict[str, Any], list[str]]:
         return str(path), {}, [f"local directory {path}"]
     tried.append(f"local path {path} (does not exist)")
     return spec, {"local_files_only": True}, tried
+
+
+def model_dir(spec: str = DEFAULT_MODEL) -> Path:
+    """The local transformers folder a spec loads from (bundled and GGUF models converted once).
+
+    Hub ids are accepted only when the local Hugging Face cache holds them.
+    """
+    source, kwargs, tried = _resolve_source(spec)
+    if not kwargs.get("local_files_only"):
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception as exc:
+        tried.append("Hugging Face cache (local_files_only)")
+        raise ModelLoadError(_not_found(spec, tried)) from exc
 
 
 def load_model(

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from probes.encoding import PromptEncoder
 from probes.errors import ProbeInputError
 from probes.metrics import METRIC_NAMES, METRICS, compute_all, sparsity
 from probes.model import DEFAULT_MODEL, LoadedModel, load_model
@@ -239,6 +240,7 @@ class SparsityProbe:
         self._lock = threading.Lock()
         self._prefix: _Prefix | None = None
         self._prefix_ready = False
+        self._encoder = PromptEncoder(self.settings, self.loaded.tokenizer)
 
     # -- configuration -------------------------------------------------------------------
     @property
@@ -279,42 +281,11 @@ class SparsityProbe:
     # -- input preparation ---------------------------------------------------------------
     def render(self, item: ProbeInput, index: int = 0) -> str:
         """The exact text the model sees for one input (chat template applied when enabled)."""
-        messages = self._messages(item, index)
-        tok = self.loaded.tokenizer
-        if self.settings.chat_template and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return str(text)
-        return "\n".join(m["content"] for m in messages)
-
-    def _messages(self, item: ProbeInput, index: int) -> list[dict[str, str]]:
-        if isinstance(item, str):
-            if not item.strip():
-                raise ProbeInputError(f"input {index} is empty: there is nothing to probe")
-            messages = [{"role": "user", "content": item}]
-        elif isinstance(item, Sequence) and not isinstance(item, bytes | bytearray):
-            messages = [_message(m, index, j) for j, m in enumerate(item)]
-            if not messages or not any(m["content"].strip() for m in messages):
-                raise ProbeInputError(f"input {index} has no message text: nothing to probe")
-        else:
-            raise ProbeInputError(
-                f"input {index} is a {type(item).__name__}: give a string or a list of "
-                "chat messages ({'role': ..., 'content': ...})"
-            )
-        if self.settings.system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
-        return messages
+        return self._encoder.render(item, index)
 
     def encode(self, item: ProbeInput, index: int = 0) -> tuple[list[int], bool]:
         """Token ids of one input, tail-truncated to ``max_tokens``; and whether it was cut."""
-        text = self.render(item, index)
-        templated = self.settings.chat_template and bool(
-            getattr(self.loaded.tokenizer, "chat_template", None)
-        )
-        ids: list[int] = self.loaded.tokenizer(text, add_special_tokens=not templated)["input_ids"]
-        if not ids:
-            raise ProbeInputError(f"input {index} tokenizes to nothing: nothing to probe")
-        limit = self.settings.max_tokens
-        return (ids[-limit:], True) if len(ids) > limit else (ids, False)
+        return self._encoder.encode(item, index)
 
     # -- measurement ---------------------------------------------------------------------
     def measure(
@@ -540,26 +511,6 @@ def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
     single = keep.sum(-1, keepdim=True) == 0  # one-token prompts: use that token
     keep = torch.where(single, m, keep)
     return keep / keep.sum(-1, keepdim=True)
-
-
-def _message(m: Any, index: int, j: int) -> dict[str, str]:
-    if not isinstance(m, Mapping):
-        raise ProbeInputError(f"input {index}, message {j}: expected an object with role/content")
-    role = m.get("role")
-    if not isinstance(role, str) or not role:
-        raise ProbeInputError(f"input {index}, message {j}: 'role' must be a non-empty string")
-    content = m.get("content")
-    if content is None:
-        content = ""
-    elif isinstance(content, list):  # OpenAI content parts: keep the text ones
-        content = "\n".join(
-            str(p.get("text", "")) for p in content if isinstance(p, Mapping) and "text" in p
-        )
-    elif not isinstance(content, str):
-        raise ProbeInputError(
-            f"input {index}, message {j}: 'content' must be a string or a list of parts"
-        )
-    return {"role": role, "content": content}
 
 
 def _progress(total: int) -> Any:

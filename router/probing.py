@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 
@@ -25,12 +25,28 @@ from probes.batching import MicroBatcher
 from probes.calibration import Calibration
 from probes.errors import ProbeError
 from probes.probe import ProbeInput, ProbeResult, SparsityProbe
+from router.remote_probe import RemoteProbeError
 
-__all__ = ["BatchingConfig", "CacheState", "ProbeOutcome", "ProbeService"]
+__all__ = ["BatchingConfig", "CacheState", "ProbeOutcome", "ProbeService", "Prober"]
 
 logger = logging.getLogger(__name__)
 
 CacheState = Literal["hit", "miss", "off"]
+
+
+class Prober(Protocol):
+    """What the service needs of a probe: ``SparsityProbe`` or ``router.remote_probe``'s.
+
+    A prober with an ``ameasure_one`` coroutine (the remote probe) is awaited on the event loop
+    and may run many requests at once; otherwise ``measure_one`` runs in a worker thread, one
+    pass at a time.
+    """
+
+    n_layers: int
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def measure_one(self, item: ProbeInput) -> ProbeResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +78,7 @@ class _Flight:
 class ProbeService:
     def __init__(
         self,
-        probe: SparsityProbe,
+        probe: SparsityProbe | Prober,
         *,
         calibration: Calibration | None,
         cache: Any | None,  # router.cache.ProbeCache
@@ -135,11 +151,12 @@ class ProbeService:
         """One forward pass over ``items`` (worker thread). An input the probe cannot read
         fails alone: the batch is then measured item by item."""
         self.passes += 1
-        try:
-            return list(self.probe.measure(items, batch_size=len(items)))
-        except ProbeError:
-            if len(items) == 1:
-                raise
+        if isinstance(self.probe, SparsityProbe):
+            try:
+                return list(self.probe.measure(items, batch_size=len(items)))
+            except ProbeError:
+                if len(items) == 1:
+                    raise
         out: list[ProbeResult | BaseException] = []
         for item in items:
             try:
@@ -151,10 +168,17 @@ class ProbeService:
     async def _run(self, item: ProbeInput) -> tuple[ProbeResult | None, str | None]:
         try:
             with anyio.fail_after(self.timeout_s):
-                result = await self.batcher.submit(item)
+                ameasure = getattr(self.probe, "ameasure_one", None)
+                if ameasure is not None:
+                    result = await ameasure(item)
+                else:
+                    result = await self.batcher.submit(item)
         except TimeoutError:
             logger.warning("probe missed its %.2f s deadline", self.timeout_s)
             return None, "timeout"
+        except RemoteProbeError as exc:  # server down, slow or mismatched: not the input's fault
+            logger.warning("remote probe failed: %s", exc)
+            return None, "model"
         except ProbeError as exc:
             logger.info("probe refused the input: %s", exc)
             return None, "input"
@@ -164,6 +188,10 @@ class ProbeService:
         return result, None
 
     async def aclose(self) -> None:
+        """Close the probe's connections (the remote probe's HTTP client)."""
+        aclose = getattr(self.probe, "aclose", None)
+        if aclose is not None:
+            await aclose()
         await self.batcher.aclose()
         if self.cache is not None:
             await self.cache.aclose()

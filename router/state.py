@@ -26,6 +26,7 @@ from router.events import EventLog, open_sink
 from router.metrics import GatewayMetrics
 from router.probing import BatchingConfig, ProbeService
 from router.ratelimit import RateLimiter, build_rate_limiter
+from router.remote_probe import RemoteProbe
 
 __all__ = ["GatewayState", "build_state"]
 
@@ -97,7 +98,7 @@ def _event_log(settings: Settings, metrics: GatewayMetrics) -> EventLog | None:
 
 
 def _check_supervised(
-    settings: Settings, calibration: Calibration, probe: SparsityProbe, source: str
+    settings: Settings, calibration: Calibration, probe: SparsityProbe | RemoteProbe, source: str
 ) -> None:
     """Refuse a p_large rule without a supervised model, or a probe that cannot feed it."""
     uses = any(r.when.p_large is not None for p in settings.policies.values() for r in p.rules)
@@ -110,7 +111,8 @@ def _check_supervised(
             )
         return
     try:
-        model.check_probe(probe.layers, probe.token_mean, probe.settings.metrics)
+        token_mean = probe.settings.token_mean or probe.settings.score_position == "mean"
+        model.check_probe(probe.layers, token_mean, probe.settings.metrics)
     except ValueError as exc:
         raise CalibrationError(f"calibration {source}: {exc}") from None
 
@@ -127,18 +129,22 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         for b in settings.backends.values()
     )
     service: ProbeService | None = None
-    if probe is None and (probe_needed or needs_local_probe_model):
+    remote = None  # probe.backend: vllm measures on a pooling server (router/remote_probe.py)
+    if probe is None and probe_needed and settings.probe.backend == "vllm":
+        remote = RemoteProbe.from_section(settings.probe)
+    if probe is None and ((probe_needed and remote is None) or needs_local_probe_model):
         probe = SparsityProbe(probe_settings)
-    engine = PolicyEngine(settings, n_layers=probe.n_layers if probe is not None else None)
-    if probe is not None and probe_needed:
+    prober: SparsityProbe | RemoteProbe | None = remote or probe
+    engine = PolicyEngine(settings, n_layers=prober.n_layers if prober is not None else None)
+    if prober is not None and probe_needed:
         calibration = None
         path = settings.calibration_path()
         if path is not None:
-            calibration = Calibration.load(path, expect_fingerprint=probe.fingerprint())
-            _check_supervised(settings, calibration, probe, str(path))
+            calibration = Calibration.load(path, expect_fingerprint=prober.fingerprint())
+            _check_supervised(settings, calibration, prober, str(path))
         batching = settings.probe.batching
         service = ProbeService(
-            probe,
+            prober,
             calibration=calibration,
             cache=None,
             timeout_s=settings.probe.timeout_s,

@@ -1,0 +1,234 @@
+"""A copy of the probe model that serves one probe layer as its *final* hidden state.
+
+A pooling server (vLLM's ``--runner pooling``) returns the model's last hidden state after the
+final norm. The probe reads the residual stream after decoder layer ``L`` (``hidden_states[L]``),
+before any norm. :func:`derive_probe_model` writes a folder that makes the two agree:
+
+* ``num_hidden_layers = L`` and the weights of deeper layers dropped, so the server stops at L;
+* the final RMSNorm's weight set to ones (when ``L`` is not the last layer), so the server
+  returns ``h_L / rms(h_L)``: a positive rescaling of ``h_L``.
+
+Every metric in :mod:`probes.metrics` is scale invariant, so metrics of the served vector equal
+the local probe's up to float rounding. For ``L = n`` (the last layer) the model is kept whole:
+the probe reads that layer after the final norm, exactly what the server returns.
+
+The folder lives in the cache next to converted models, is built once (atomic, file-locked,
+like :func:`probes.model.convert_gguf`), and its name (:func:`derived_name`) identifies the
+source model and the layer: serve it under that name (``--served-model-name``) and the remote
+probe can check that a server runs the model it expects. ``sparsity_probe.json`` in the folder
+records the same facts.
+
+CLI: ``python -m probes.derived [--model SPEC] [--layer L]`` prints the folder's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from probes.errors import ModelLoadError, ProbeInputError
+from probes.model import _COMPLETE_MARKER, DEFAULT_MODEL, _file_lock, cache_dir, model_dir
+
+__all__ = [
+    "DERIVED_INFO",
+    "DerivedModel",
+    "derive_probe_model",
+    "derived_name",
+    "main",
+    "read_config",
+    "resolve_layer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The file in a derived folder that records its source and layer.
+DERIVED_INFO = "sparsity_probe.json"
+_FORMAT = 1  # bumped whenever the derivation changes what the server computes
+_SAMPLE = 4 << 20  # bytes hashed at each end of a large file
+
+
+@dataclass(frozen=True, slots=True)
+class DerivedModel:
+    """A derived folder and what it serves."""
+
+    path: Path
+    name: str  # the served model name the remote probe expects
+    layer: int  # the source layer its final hidden state is
+    source_layers: int  # num_hidden_layers of the source model
+    hidden_size: int
+
+
+def read_config(source: Path) -> dict[str, Any]:
+    """A model folder's config.json, checked to be a decoder-only LM's."""
+    config = source / "config.json"
+    try:
+        data: dict[str, Any] = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config}: {exc}") from exc
+    for key in ("num_hidden_layers", "hidden_size"):
+        if not isinstance(data.get(key), int):
+            raise ModelLoadError(f"{config} has no integer {key!r}: not a decoder-only LM config")
+    return data
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """A probe layer (negative from the end) as 1..n; 0 (the embeddings) cannot be served."""
+    if not -n_layers <= layer <= n_layers:
+        raise ProbeInputError(
+            f"layer {layer} is out of range for a model with {n_layers} layers: use 1..{n_layers} "
+            f"or -{n_layers}..-1"
+        )
+    resolved = layer if layer >= 0 else n_layers + 1 + layer
+    if resolved == 0:
+        raise ProbeInputError(
+            "layer 0 (the embeddings) cannot be read from a pooling server: use a layer >= 1"
+        )
+    return resolved
+
+
+def _source_digest(source: Path) -> str:
+    """Identifies the source folder's content, the same on every machine that holds a copy.
+
+    Small files are hashed whole; weight files by size, head (which holds the safetensors
+    header) and tail, so that a gateway computes it in milliseconds for any model size.
+    """
+    digest = hashlib.sha256(f"format={_FORMAT}".encode())
+    for file in sorted(p for p in source.iterdir() if p.is_file()):
+        if file.name in (_COMPLETE_MARKER, DERIVED_INFO) or file.name.endswith(".lock"):
+            continue
+        size = file.stat().st_size
+        digest.update(f"|{file.name}|{size}|".encode())
+        with open(file, "rb") as handle:
+            if size <= 2 * _SAMPLE:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(_SAMPLE))
+                handle.seek(size - _SAMPLE)
+                digest.update(handle.read(_SAMPLE))
+    return digest.hexdigest()[:12]
+
+
+def derived_name(source: Path, layer: int) -> str:
+    """The derived folder's name, also the served model name: ``<source>-L<layer>-<digest>``."""
+    n = int(read_config(source)["num_hidden_layers"])
+    resolved = resolve_layer(layer, n)
+    return f"{source.name[:60]}-L{resolved}of{n}-{_source_digest(source)}"
+
+
+def derive_probe_model(spec: str = DEFAULT_MODEL, layer: int = 10) -> DerivedModel:
+    """Build (once) and return the folder serving ``layer`` of ``spec`` as its final state."""
+    source = model_dir(spec)
+    config = read_config(source)
+    n = int(config["num_hidden_layers"])
+    resolved = resolve_layer(layer, n)
+    name = derived_name(source, resolved)
+    out = DerivedModel(
+        path=cache_dir() / "derived" / name,
+        name=name,
+        layer=resolved,
+        source_layers=n,
+        hidden_size=int(config["hidden_size"]),
+    )
+    final = out.path
+    if (final / _COMPLETE_MARKER).is_file():
+        return out
+    with _file_lock(final.parent / (final.name + ".lock")):
+        if (final / _COMPLETE_MARKER).is_file():
+            return out
+        for stale in final.parent.glob(final.name + ".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+        try:
+            logger.info("deriving %s (layer %d of %d) from %s", name, resolved, n, source)
+            _write_derived(source, config, resolved, tmp)
+            info = {"source": str(source), "spec": spec, "layer": resolved, "source_layers": n}
+            (tmp / DERIVED_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / _COMPLETE_MARKER).write_text(str(source) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _write_derived(source: Path, config: dict[str, Any], layer: int, out: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    n = int(config["num_hidden_layers"])
+    shards = sorted(source.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(
+            f"{source} has no .safetensors weights: derive from a safetensors folder (bundled "
+            "and GGUF models are converted to one automatically)"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(str(shard)))
+    kept: dict[str, torch.Tensor] = {}
+    norm_keys: list[str] = []
+    for key, tensor in tensors.items():
+        parts = key.split(".")
+        if "layers" in parts:
+            i = parts.index("layers")
+            if i + 1 < len(parts) and parts[i + 1].isdigit() and int(parts[i + 1]) >= layer:
+                continue  # a deeper decoder layer: not run, not needed
+        if key.endswith("norm.weight") and "layers" not in parts:
+            norm_keys.append(key)
+            if layer < n:
+                tensor = torch.ones_like(tensor)  # final norm as a pure rescaling
+        kept[key] = tensor.contiguous()
+    if len(norm_keys) != 1:
+        raise ModelLoadError(
+            f"{source}: expected one final norm weight (…norm.weight outside the layers), "
+            f"found {norm_keys or 'none'}: this architecture is not supported by the remote probe"
+        )
+    save_file(kept, str(out / "model.safetensors"), metadata={"format": "pt"})
+    derived_config = dict(config)
+    derived_config["num_hidden_layers"] = layer
+    for key in ("layer_types", "sliding_window_pattern"):  # per-layer lists must shrink too
+        value = derived_config.get(key)
+        if isinstance(value, list):
+            derived_config[key] = value[:layer]
+    (out / "config.json").write_text(json.dumps(derived_config, indent=2) + "\n")
+    for file in source.iterdir():
+        if (
+            file.is_file()
+            and file.suffix != ".safetensors"
+            and file.name
+            not in (
+                "config.json",
+                "model.safetensors.index.json",
+                _COMPLETE_MARKER,
+            )
+        ):
+            shutil.copy2(file, out / file.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m probes.derived",
+        description="Build the model folder a vLLM pooling server runs for the remote probe; "
+        "print its path (and, with --name, the served model name).",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the probe's model spec")
+    parser.add_argument("--layer", type=int, default=10, help="the probe layer (default 10)")
+    parser.add_argument("--name", action="store_true", help="print the served name instead")
+    args = parser.parse_args(argv)
+    derived = derive_probe_model(args.model, args.layer)
+    print(derived.name if args.name else derived.path)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
