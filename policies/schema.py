@@ -253,6 +253,9 @@ class ProbeSection(ProbeSettings):
 
     timeout_s: float = Field(2.0, gt=0, description="gateway-side deadline for one probe")
     batching: BatchingSettings = BatchingSettings()
+    warm_up: bool = Field(
+        True, description="run one probe pass at start-up, before /readyz reports ready"
+    )
     backend: Literal["local", "vllm"] = Field(
         "local", description="local: in-process forward pass; vllm: a vLLM pooling server"
     )
@@ -261,7 +264,7 @@ class ProbeSection(ProbeSettings):
     def probe_settings(self) -> ProbeSettings:
         """The plain :class:`ProbeSettings` (what ``SparsityProbe`` and calibrations compare)."""
         return ProbeSettings(
-            **self.model_dump(exclude={"timeout_s", "batching", "backend", "vllm"})
+            **self.model_dump(exclude={"timeout_s", "batching", "warm_up", "backend", "vllm"})
         )
 
     @model_validator(mode="after")

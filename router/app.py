@@ -157,6 +157,10 @@ def create_app(
         app.state.gateway = state
         app.state.config_path = Path(config_path) if config_path is not None else None
         app.state.reload_lock = anyio.Lock()
+        if state.probe is not None and settings.probe.warm_up:
+            seconds = await state.probe.warm_up()
+            if seconds is not None:
+                logger.info("probe warmed up in %.2f s", seconds)
         sighup = config_path is not None and _install_sighup(app)
         logger.info(
             "gateway ready: backends %s, virtual models %s",

@@ -187,6 +187,25 @@ class ProbeService:
             return None, "model"
         return result, None
 
+    async def warm_up(self, timeout_s: float = 60.0) -> float | None:
+        """Run one uncached pass so the first request does not pay the probe thread's start-up
+        (its OpenMP team, lazy kernels: seconds on a loaded CPU, past ``timeout_s`` of a
+        request). Returns the seconds it took, or None when it failed (logged, never raised:
+        requests then go to ``on_probe_error`` as usual)."""
+        start = time.perf_counter()
+        item: ProbeInput = [{"role": "user", "content": "Hello, how are you today?"}]
+        try:
+            with anyio.fail_after(timeout_s):
+                ameasure = getattr(self.probe, "ameasure_one", None)
+                if ameasure is not None:
+                    await ameasure(item)
+                else:
+                    await self.batcher.submit(item)
+        except Exception as exc:
+            logger.warning("probe warm-up failed (%s): %s", type(exc).__name__, exc)
+            return None
+        return time.perf_counter() - start
+
     async def aclose(self) -> None:
         """Close the probe's connections (the remote probe's HTTP client)."""
         aclose = getattr(self.probe, "aclose", None)

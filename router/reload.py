@@ -28,7 +28,7 @@ __all__ = ["ReloadOutcome", "reload_state"]
 
 logger = logging.getLogger(__name__)
 
-_NEEDS_RESTART = ("backends", "probe", "calibration", "cache")
+_NEEDS_RESTART = ("backends", "probe", "calibration", "cache", "events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ def _rebuild(old: GatewayState, new: Settings) -> GatewayState:
     if changed:
         raise ValueError(
             f"the new file changes {', '.join(changed)}; those need a restart "
-            "(a reload applies policies, virtual_models and auth)"
+            "(a reload applies policies, experiments, virtual_models and auth)"
         )
     engine = PolicyEngine(new, n_layers=old.engine.n_layers)
     if old.probe is None and any(engine.needs_probe(p) for p in new.policies):

@@ -349,7 +349,7 @@ def test_problems_carry_structured_fields() -> None:
             "s.yaml:7: probe: unknown key 'scor_metric' (allowed: backend, batch_size, batching, "
             "chat_template, device, dtype, layers, max_tokens, metrics, model, prefix_cache, "
             "score_layer, score_metric, "
-            "score_position, system_prompt, threads, timeout_s, token_mean, vllm)",
+            "score_position, system_prompt, threads, timeout_s, token_mean, vllm, warm_up)",
         ),
         (
             "cache: {redis: {url: 'http://r'}}\n",

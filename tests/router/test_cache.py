@@ -193,3 +193,26 @@ async def test_single_flight_under_50_identical_requests(
         assert svc.passes == 1
     finally:
         await svc.aclose()
+
+
+async def test_warm_up_runs_one_uncached_pass(tiny_probe: SparsityProbe) -> None:
+    """The start-up pass warms the probe thread without filling the cache or the metrics."""
+    measured: list[Any] = []
+    cache = TieredCache(MemoryCache(100), None)
+    svc = ProbeService(
+        tiny_probe, calibration=None, cache=cache, timeout_s=30, on_measured=measured.append
+    )
+    try:
+        seconds = await svc.warm_up()
+        assert seconds is not None and seconds > 0
+        assert svc.passes == 1 and measured == []
+        outcome = await svc.measure("Hello, how are you today?")
+        assert outcome.cache == "miss" and svc.passes == 2
+    finally:
+        await svc.aclose()
+
+
+async def test_warm_up_failure_is_reported_not_raised(tiny_probe: SparsityProbe) -> None:
+    svc = service(tiny_probe, None)
+    await svc.aclose()  # a closed batcher refuses work: the warm-up must fail quietly
+    assert await svc.warm_up(timeout_s=5) is None
