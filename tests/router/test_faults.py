@@ -94,16 +94,26 @@ def metric(gw: ServerThread, name: str) -> float:
 def test_redis_killed_and_restarted_under_load_fails_no_request(
     make_gateway: MakeGateway, redis_server: Any
 ) -> None:
-    """Rate limiting lives in Redis; Redis dies after 50 requests, is back after 120: 0 failed."""
+    """Rate limits and the probe cache live in Redis; Redis dies after 50 requests and is back
+    after 120: 0 failed requests, and both come back to Redis."""
     gw = make_gateway(
         api_keys="[], keys: [{key: k1, name: loadgen}], rate_limit: {requests_per_s: 1000, "
-        f'burst: 1000, redis_url: "{redis_server.url}"}}'
+        f'burst: 1000, redis_url: "{redis_server.url}"}}',
+        extra=f'cache: {{memory: {{max_entries: 0}}, redis: {{url: "{redis_server.url}"}}}}',
     )
     failures = load(gw, 200, key="k1", at={50: redis_server.kill, 120: redis_server.restart})
     assert failures == []
     assert metric(gw, "router_rate_limit_redis_errors_total") > 0  # Redis really was down
-    # after the restart the buckets are in Redis again
+    cache_trouble = metric(gw, 'router_cache_lookups_total{result="error",tier="redis"}')
+    cache_trouble += metric(gw, 'router_cache_lookups_total{result="skipped",tier="redis"}')
+    assert cache_trouble > 0  # the probe cache saw the outage too
+    # after the restart the buckets and the probe results are in Redis again: a prompt probed
+    # after the restart is a hit the second time (Redis is the only cache tier here)
+    time.sleep(5.5)  # past the longest reconnect back-off
     load(gw, 4, key="k1", clients=2)
+    hits = metric(gw, 'router_cache_lookups_total{result="hit",tier="redis"}')
+    load(gw, 4, key="k1", clients=2)
+    assert metric(gw, 'router_cache_lookups_total{result="hit",tier="redis"}') >= hits + 4
     with redis.Redis.from_url(redis_server.url) as r:
         assert r.exists("sparsity-router:ratelimit:loadgen")
 
