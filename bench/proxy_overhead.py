@@ -63,6 +63,8 @@ from typing import Any, TextIO
 
 import httpx
 
+from tests.servers import serve_lifespan
+
 REPO = Path(__file__).resolve().parents[1]
 LITELLM_VENV = Path.home() / ".cache" / "sparsity-router" / "venv-litellm"
 UPSTREAM_MODEL = "fake-llm"
@@ -164,13 +166,8 @@ def upstream_app() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         chunks: list[bytes] = []

@@ -34,6 +34,8 @@ import httpx
 import psutil
 import uvicorn
 
+from tests.servers import serve_lifespan
+
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = [sys.executable, "-m", "router.cli", "serve"]
 
@@ -41,13 +43,8 @@ GATEWAY = [sys.executable, "-m", "router.cli", "serve"]
 async def fake_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """A minimal OpenAI upstream: a JSON completion, or five SSE chunks then [DONE]."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return
     body = b""
     while True:
         message = await receive()

@@ -508,15 +508,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         from router.eval_cli import run_calibrate_labels
 
         calibration = run_calibrate_labels(args, _build_probe)
-        calibration.save(args.out)
-        print(calibration.summary())
-        print(f"wrote {args.out}")
-        if args.plot:
-            from probes.plots import plot_calibration
-
-            plot_calibration(calibration, args.plot)
-            print(f"wrote {args.plot}")
-        return 0
+        return _write_calibration(calibration, args)
     if not args.reference:
         raise CalibrationError(
             "nothing to fit. Fix: give --reference FILE (prompts) and/or --labels FILE "
@@ -531,6 +523,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         max_buckets=args.max_buckets,
         progress=True,
     )
+    return _write_calibration(calibration, args)
+
+
+def _write_calibration(calibration: Calibration, args: argparse.Namespace) -> int:
+    """Save the calibration to ``--out``, print its summary, and plot it with ``--plot``."""
     calibration.save(args.out)
     print(calibration.summary())
     print(f"wrote {args.out}")
