@@ -181,3 +181,17 @@ def test_bundled_model_gives_stable_numbers(bundled_probe: SparsityProbe) -> Non
         assert set(r.metrics) == {1, 8, 30}
     # The published direction: character noise reads sparser at the last layer.
     assert first[1].metrics[30]["top1_energy"] > first[0].metrics[30]["top1_energy"]
+
+
+@pytest.mark.slow
+def test_prefix_cache_gives_the_plain_numbers(bundled_probe: SparsityProbe) -> None:
+    """The cached chat-template opening changes no metric, last token or token mean, alone or
+    in a left-padded batch of different lengths (the system message case has its own opening
+    and takes the plain path)."""
+    cached = SparsityProbe(bundled_probe.settings.model_copy(update={"prefix_cache": True}))
+    assert cached.fingerprint() == bundled_probe.fingerprint()
+    plain = bundled_probe.measure(TEXTS, batch_size=4)
+    assert _max_diff(cached.measure(TEXTS, batch_size=4), plain) < 1e-4
+    assert _max_diff([cached.measure_one(t) for t in TEXTS], plain) < 1e-4
+    prefix = cached._template_prefix()
+    assert prefix is not None and len(prefix.ids) >= 10  # the system prompt really was cached
