@@ -45,7 +45,7 @@ import torch
 from policies.engine import PolicyEngine, RequestContext
 from policies.loader import load_settings
 from probes.calibration import Calibration
-from probes.probe import ProbeSettings, SparsityProbe
+from probes.probe import SparsityProbe
 from router.cache import MemoryCache, RedisCache, TieredCache
 from router.probing import BatchingConfig, ProbeService
 
@@ -113,7 +113,12 @@ def service(probe: SparsityProbe, calibration: Calibration | None, **kwargs: Any
 
 async def run(args: argparse.Namespace) -> list[str]:
     settings = load_settings(ROOT / "config/default.yaml")
-    probe = SparsityProbe(ProbeSettings(device="cpu"))
+    # the embedded default's probe (config/default.yaml), prefix cache as configured there
+    # unless --no-prefix-cache
+    probe_settings = settings.probe.probe_settings().model_copy(update={"device": "cpu"})
+    if args.no_prefix_cache:
+        probe_settings = probe_settings.model_copy(update={"prefix_cache": False})
+    probe = SparsityProbe(probe_settings)
     calib_path = settings.calibration_path()
     calibration = (
         Calibration.load(calib_path, expect_fingerprint=probe.fingerprint())
@@ -128,7 +133,8 @@ async def run(args: argparse.Namespace) -> list[str]:
         "",
         f"`{command}`: {platform.machine()}, {os.cpu_count()} CPUs visible, "
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
-        f"probe {probe.fingerprint()['model']!s} layers {list(probe.settings.layers)}; "
+        f"probe {probe.fingerprint()['model']!s} layers {list(probe.settings.layers)}, "
+        f"prefix cache {'on' if probe.settings.prefix_cache else 'off'}; "
         f"batching window {args.window_ms} ms, max batch {args.max_batch}; "
         f"{args.rounds} rounds per mode, off and on alternating.",
         "",
@@ -220,6 +226,11 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--hits", type=int, default=2000, help="cache-hit decisions timed")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="run the whole chat template per prompt (the embedded default caches its opening)",
+    )
     args = parser.parse_args()
     lines = asyncio.run(run(args))
     if args.markdown is not None:
