@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve bench clean-venv vllm-venv
+.PHONY: setup test lint serve bench clean-venv vllm-venv chromium
 
 setup: $(STAMP)
 
@@ -29,7 +29,13 @@ lint: setup
 vllm-venv:
 	scripts/vllm_venv.sh
 
-test: lint vllm-venv
+# Debian's chromium for the reviewer-page browser test (tests/e2e/test_review_page.py, driven by
+# the playwright package; no `playwright install`). Best effort: without apt the test skips.
+chromium:
+	command -v chromium >/dev/null || sudo -n apt-get install -y chromium \
+		|| apt-get install -y chromium || echo "chromium not installed: the browser test will skip"
+
+test: lint vllm-venv chromium
 	$(BIN)/python -m pytest -q
 
 serve: setup

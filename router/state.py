@@ -23,10 +23,10 @@ from router.backends.base import Backend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend
 from router.cache import MemoryCache, RedisCache, TieredCache
-from router.events import EventLog, open_sink
 from router.escalations.config import build_escalations, reviewer_keys
 from router.escalations.metrics import EscalationMetrics
 from router.escalations.service import EscalationService
+from router.events import EventLog, open_sink
 from router.metrics import GatewayMetrics
 from router.probing import BatchingConfig, ProbeService
 from router.ratelimit import RateLimiter, build_rate_limiter

@@ -50,8 +50,8 @@ textarea { min-height: 110px; resize: vertical; }
 #login p { margin: 0 0 16px; color: var(--muted); }
 #login form { display: grid; gap: 12px; }
 #login-error { color: var(--bad); min-height: 1.2em; }
-#app { display: grid; grid-template-columns: minmax(380px, 44%) 1fr; gap: 16px;
-  padding: 16px 24px; }
+#app { display: grid; grid-template-columns: minmax(420px, 46%) 1fr; gap: 16px;
+  padding: 16px 24px; align-items: start; }
 .panel { background: var(--panel); border: 1px solid var(--line); border-radius: 10px;
   overflow: hidden; }
 .panel > .bar { display: flex; align-items: center; gap: 8px; padding: 10px 14px;
@@ -59,15 +59,18 @@ textarea { min-height: 110px; resize: vertical; }
 .panel > .bar h2 { font-size: 14px; margin: 0; flex: 1; }
 .filters button { padding: 3px 10px; font-size: 12px; border-radius: 999px; }
 .filters button.on { background: var(--ink); color: #fff; border-color: var(--ink); }
-table { width: 100%; border-collapse: collapse; }
-th, td { text-align: left; padding: 8px 14px; border-bottom: 1px solid var(--line);
-  white-space: nowrap; }
+table { width: 100%; border-collapse: collapse; table-layout: fixed; }
+th, td { text-align: left; padding: 8px 10px; border-bottom: 1px solid var(--line);
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+th:nth-child(1) { width: 64px; } th:nth-child(2), th:nth-child(3) { width: 66px; }
+th:nth-child(4) { width: 96px; } th:nth-child(6) { width: 96px; }
+th:first-child, td:first-child { padding-left: 14px; }
 th { font-size: 12px; color: var(--muted); font-weight: 500; background: #fafbfc; }
 td.num { font-variant-numeric: tabular-nums; }
 tbody tr { cursor: pointer; }
 tbody tr:hover { background: #f7f9ff; }
 tbody tr.selected { background: #eaf0ff; }
-.preview { max-width: 220px; overflow: hidden; text-overflow: ellipsis; color: var(--muted); }
+.preview { color: var(--muted); }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 12px;
   background: #eef0f4; color: var(--muted); }
 .badge.pending { background: #fff4e0; color: var(--warn); }
@@ -76,7 +79,9 @@ tbody tr.selected { background: #eaf0ff; }
 .badge.rejected, .badge.expired { background: #fbeaea; color: var(--bad); }
 .empty { padding: 28px 14px; color: var(--muted); text-align: center; }
 #detail .body { padding: 14px; display: grid; gap: 14px; }
-.facts { display: grid; grid-template-columns: max-content 1fr; gap: 4px 14px; font-size: 13px; }
+#conversation { display: grid; gap: 8px; }
+.facts { margin: 0; display: grid; grid-template-columns: max-content 1fr; gap: 4px 14px;
+  font-size: 13px; }
 .facts dt { color: var(--muted); }
 .facts dd { margin: 0; word-break: break-all; }
 .msg { border-radius: 8px; padding: 10px 12px; border: 1px solid var(--line); }
