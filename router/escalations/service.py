@@ -5,12 +5,20 @@ A request in hold mode waits in :meth:`EscalationService.wait`: woken at once by
 this process, by the Redis event stream for transitions in other processes (``store: redis``),
 and otherwise by polling the store every ``poll_s`` (several processes on one SQLite file).
 A sweeper task expires escalations older than ``expire_s`` and refreshes the pending gauge.
+
+Webhooks: with SQLite the process that created an escalation delivers it. With Redis every
+gateway process reads the event stream in one consumer group (``webhook``), so each new
+escalation is delivered by exactly one process; an entry a dead process left unacknowledged
+for ``_RECLAIM_IDLE_MS`` is taken over (``XAUTOCLAIM``) by another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +32,9 @@ from router.escalations.webhook import Webhook
 __all__ = ["EscalationService"]
 
 logger = logging.getLogger(__name__)
+
+_GROUP = "webhook"
+_RECLAIM_IDLE_MS = 60_000
 
 
 class EscalationService:
@@ -58,6 +69,9 @@ class EscalationService:
         self._tasks.append(loop.create_task(self._sweep_forever()))
         if self.store.kind == "redis":
             self._tasks.append(loop.create_task(self._follow_redis()))
+            if self.webhook is not None:
+                await self._create_group()
+                self._tasks.append(loop.create_task(self._deliver_from_group()))
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -85,8 +99,8 @@ class EscalationService:
             new.policy,
             new.mode,
         )
-        if self.webhook is not None:
-            self.webhook.notify(_summary(record))
+        if self.webhook is not None and self.store.kind != "redis":
+            self.webhook.notify(_summary(record))  # Redis: the consumer group delivers it
         return record
 
     async def get(self, id: str) -> Escalation | None:
@@ -196,6 +210,77 @@ class EscalationService:
                 raise
             except Exception as exc:
                 logger.warning("following the escalation stream failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _create_group(self) -> bool:
+        from redis.exceptions import ResponseError
+
+        from router.escalations.redis_store import RedisEscalationStore
+
+        store = self.store
+        assert isinstance(store, RedisEscalationStore)
+        try:
+            await store.client.xgroup_create(store.events_key, _GROUP, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                logger.warning("creating the webhook consumer group failed: %s", exc)
+                return False
+        except Exception as exc:
+            logger.warning("creating the webhook consumer group failed: %s", exc)
+            return False
+        return True
+
+    async def _deliver_from_group(self) -> None:
+        """Deliver webhooks for new escalations, one process per escalation (consumer group)."""
+        from router.escalations.redis_store import RedisEscalationStore
+
+        store, webhook = self.store, self.webhook
+        assert isinstance(store, RedisEscalationStore) and webhook is not None
+        client = store.client
+        consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        group_ready = True
+        next_reclaim = 0.0
+
+        async def handle(entry_id: Any, fields: dict[Any, Any]) -> None:
+            def text(name: str) -> str:
+                raw = fields.get(name.encode(), fields.get(name))
+                return raw.decode() if isinstance(raw, bytes) else str(raw or "")
+
+            async def ack() -> None:
+                try:
+                    await client.xack(store.events_key, _GROUP, entry_id)
+                except Exception as exc:
+                    logger.warning("acknowledging webhook entry failed: %s", exc)
+
+            record = await self.get(text("id")) if text("status") == "pending" else None
+            if record is None:
+                await ack()
+            else:
+                webhook.notify(_summary(record), after=ack)
+
+        while True:
+            try:
+                if not group_ready:
+                    group_ready = await self._create_group()
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + 10
+                    claimed: Any = await client.xautoclaim(
+                        store.events_key, _GROUP, consumer, _RECLAIM_IDLE_MS, "0-0", count=50
+                    )
+                    for entry_id, fields in claimed[1]:
+                        await handle(entry_id, fields)
+                replies: Any = await client.xreadgroup(
+                    _GROUP, consumer, {store.events_key: ">"}, count=50, block=1000
+                )
+                for _stream, entries in replies or ():
+                    for entry_id, fields in entries:
+                        await handle(entry_id, fields)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if "NOGROUP" in str(exc):
+                    group_ready = False
+                logger.warning("webhook consumer group read failed (%s); retrying", exc)
                 await asyncio.sleep(1.0)
 
 

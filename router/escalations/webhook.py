@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -38,13 +38,24 @@ class Webhook:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def notify(self, payload: dict[str, Any]) -> None:
-        """Deliver ``payload`` in the background; returns at once."""
-        task = asyncio.get_running_loop().create_task(self._deliver(payload))
+    def notify(
+        self, payload: dict[str, Any], after: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Deliver ``payload`` in the background (then run ``after``); returns at once."""
+
+        async def run() -> None:
+            try:
+                await self.deliver(payload)
+            finally:
+                if after is not None:
+                    await after()
+
+        task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, payload: dict[str, Any]) -> None:
+    async def deliver(self, payload: dict[str, Any]) -> None:
+        """Try, and retry with backoff, until delivered or out of tries (never raises)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s)

@@ -374,3 +374,33 @@ def test_two_gateways_share_one_redis_queue(
         "hold across gateways (Redis): answer to receipt "
         f"{1000 * (received - times['answered_at']):.1f} ms"
     )
+
+
+def test_with_redis_each_webhook_is_sent_by_exactly_one_gateway(
+    make_esc_gateway: MakeGateway, redis_server: RedisServer
+) -> None:
+    hook = Hook(fail=0)
+    with ServerThread(hook) as receiver:
+        store = (
+            f"store: redis\n  redis_url: {redis_server.url}\n"
+            f"  webhook: {{url: '{receiver.url}/hook'}}"
+        )
+        a, b = make_esc_gateway(store=store), make_esc_gateway(store=store)
+        ids = [
+            ask(gw, "ask-ticket", text=f"q{i}").headers["x-router-escalation-id"]
+            for i, gw in enumerate((a, b, a, b))
+        ]
+        deadline = time.monotonic() + 10
+        while len(hook.calls) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # time for any duplicate delivery to show up
+    assert sorted(c["id"] for c in hook.calls) == sorted(ids)  # each once, none twice
+    delivered = [metric(gw, 'router_escalation_webhook_total{result="delivered"}') for gw in (a, b)]
+    assert sum(delivered) == len(ids)
+
+
+def metric(gw: ServerThread, name: str) -> float:
+    for line in httpx.get(gw.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0

@@ -179,10 +179,17 @@ async def test_expiry_closes_only_open_escalations_older_than_the_cut(
 
 
 def service_for(store: EscalationStore, clock: Callable[[], float], **kw: Any) -> EscalationService:
-    settings = EscalationSettings(**kw)
-    return EscalationService(
-        settings, store, EscalationMetrics.create(CollectorRegistry()), clock=clock
-    )
+    metrics = EscalationMetrics.create(CollectorRegistry())
+    return EscalationService(EscalationSettings(**kw), store, metrics, clock=clock)
+
+
+def sample(svc: EscalationService, name: str, **labels: str) -> float | None:
+    for metric in (svc.metrics.open, svc.metrics.closed):
+        for family in metric.collect():
+            for s in family.samples:
+                if s.name == name and s.labels == labels:
+                    return float(s.value)
+    return None
 
 
 async def test_service_sweeper_expires_and_counts(store: EscalationStore) -> None:
@@ -191,14 +198,14 @@ async def test_service_sweeper_expires_and_counts(store: EscalationStore) -> Non
     a = await svc.create(new("a"))
     now[0] = T0 + 30
     b = await svc.create(new("b"))
-    assert svc.metrics.open._value.get() == 2
+    assert sample(svc, "router_escalations_pending") == 2
     now[0] = T0 + 61
     assert await svc.sweep() == 1
     got_a, got_b = await svc.get(a.id), await svc.get(b.id)
     assert got_a is not None and got_a.status == "expired"
     assert got_b is not None and got_b.status == "pending"
-    assert svc.metrics.open._value.get() == 1
-    assert svc.metrics.closed.labels("expired")._value.get() == 1
+    assert sample(svc, "router_escalations_pending") == 1
+    assert sample(svc, "router_escalations_closed_total", status="expired") == 1
 
 
 async def test_service_wait_wakes_on_an_answer_from_another_instance(
@@ -221,3 +228,15 @@ async def test_service_wait_wakes_on_an_answer_from_another_instance(
     finally:
         await waiting.aclose()
         await other.aclose()
+
+
+async def test_a_short_real_lease_runs_out(store: EscalationStore) -> None:
+    svc = service_for(store, time.time, lease_s=0.3)
+    e = await svc.create(new())
+    await svc.claim(e.id, "alice")
+    with pytest.raises(StoreConflict):
+        await svc.claim(e.id, "bob")
+    await asyncio.sleep(0.4)
+    assert (await svc.claim(e.id, "bob")).claimed_by == "bob"
+    assert (await svc.answer(e.id, "bob", "ok")).status == "answered"
+    assert sample(svc, "router_escalations_closed_total", status="answered") == 1
