@@ -25,6 +25,7 @@ def escalation_yaml(
     on_timeout: str = "small",
     extra_escalation: str = "",
     auth: bool = True,
+    human_fallback: str = "[]",
 ) -> str:
     keys = (
         f'{{api_keys: ["{CLIENT_A}", "{CLIENT_B}"], '
@@ -42,7 +43,11 @@ probe:
 calibration: {{path: "{calibration}"}}
 backends:
   small: {{type: openai, base_urls: ["{small_url}"], model: small-served}}
-  desk: {{type: human, mode: ticket, ticket_message: "Ticket {{id}}: a person will answer."}}
+  desk:
+    type: human
+    mode: ticket
+    ticket_message: "Ticket {{id}}: a person will answer."
+    fallback: {human_fallback}
   holder:
     type: human
     mode: hold

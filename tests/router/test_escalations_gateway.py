@@ -404,3 +404,39 @@ def metric(gw: ServerThread, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_a_client_leaving_a_hold_keeps_the_escalation(make_esc_gateway: MakeGateway) -> None:
+    gw = make_esc_gateway()
+    body = {"model": "ask-human", "messages": [{"role": "user", "content": "still there?"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {CLIENT_A}"},
+            timeout=httpx.Timeout(10, read=0.5),
+        )
+    (e,) = wait_for_open(gw)
+    assert e["status"] == "pending"  # a reviewer can still answer; the client may poll
+    deadline = time.monotonic() + 5
+    while metric(gw, 'router_requests_total{backend="holder",rule="sparsest",status="499"}') != 1:
+        assert time.monotonic() < deadline, "the abandoned hold was not counted as a 499"
+        time.sleep(0.05)
+    assert httpx.get(gw.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_queue_outage_goes_to_the_fallback_or_is_a_503(
+    make_esc_gateway: MakeGateway, redis_server: RedisServer
+) -> None:
+    store = f"store: redis\n  redis_url: {redis_server.url}"
+    with_fallback = make_esc_gateway(store=store, human_fallback="[small]")
+    without = make_esc_gateway(store=store)
+    redis_server.kill()
+    raw = ask(with_fallback, "ask-ticket")
+    assert raw.parse().choices[0].message.content == "answer from small"
+    assert (raw.headers["x-router-backend"], raw.headers["x-router-fallback"]) == ("small", "desk")
+    assert metric(with_fallback, "router_escalation_store_errors_total") == 1
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(without, "ask-ticket")
+    assert info.value.status_code == 503
+    assert "escalation queue is unavailable" in info.value.response.json()["error"]["message"]
