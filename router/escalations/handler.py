@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policies.engine import Decision
 from policies.schema import HumanBackend
@@ -29,6 +29,9 @@ from router.escalations.model import Escalation, NewEscalation, StoreConflict
 from router.escalations.service import EscalationService
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest
+
+if TYPE_CHECKING:
+    from router.state import GatewayState
 
 __all__ = ["answer_by_human", "is_human", "owner_of"]
 
@@ -148,7 +151,7 @@ class _Watcher:
 
 
 async def answer_by_human(
-    state: Any,
+    state: GatewayState,
     scope: Scope,
     endpoint: Endpoint,
     parsed: ParsedRequest,
@@ -233,7 +236,7 @@ def _rejected(record: Escalation) -> Forbidden:
 
 
 async def _hold(
-    state: Any,
+    state: GatewayState,
     service: EscalationService,
     human: HumanBackend,
     endpoint: Endpoint,
@@ -301,7 +304,7 @@ async def _hold(
 
 
 async def _dispatch_and_send(
-    state: Any,
+    state: GatewayState,
     endpoint: Endpoint,
     parsed: ParsedRequest,
     chain: tuple[str, ...],
