@@ -28,7 +28,7 @@ from tests.router.escalation_helpers import (
     escalation_yaml,
     wait_for_open,
 )
-from tests.servers import FakeUpstream, ServerThread
+from tests.servers import FakeUpstream, ServerThread, serve_lifespan
 
 MakeGateway = Callable[..., ServerThread]
 
@@ -323,12 +323,8 @@ class Hook:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await serve_lifespan(receive, send)
+            return
         raw = b""
         while True:
             message = await receive()
