@@ -5,7 +5,9 @@ escalations; the webhook; two gateways sharing one Redis queue."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -436,3 +438,28 @@ def test_a_queue_outage_goes_to_the_fallback_or_is_a_503(
         ask(without, "ask-ticket")
     assert info.value.status_code == 503
     assert "escalation queue is unavailable" in info.value.response.json()["error"]["message"]
+
+
+def test_with_auth_off_nothing_is_stored_about_keys_and_anyone_may_poll(
+    make_esc_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = make_esc_gateway(auth=False)
+    id = ask(gw, "ask-ticket").headers["x-router-escalation-id"]
+    assert api(gw, "POST", f"/v1/escalations/{id}/answer", None, json={"content": "hi"}).is_success
+    polled = api(gw, "GET", f"/v1/escalations/{id}", None).json()
+    assert polled["completion"]["choices"][0]["message"]["content"] == "hi"
+    with sqlite3.connect(tmp_path / "escalations.sqlite") as db:
+        assert db.execute("SELECT owner FROM escalations WHERE id = ?", (id,)).fetchone() == (None,)
+
+
+def test_the_store_keeps_a_hash_of_the_client_key_never_the_key(
+    make_esc_gateway: MakeGateway, tmp_path: Path
+) -> None:
+    gw = make_esc_gateway()
+    id = ask(gw, "ask-ticket").headers["x-router-escalation-id"]
+    path = tmp_path / "escalations.sqlite"
+    with sqlite3.connect(path) as db:
+        (owner,) = db.execute("SELECT owner FROM escalations WHERE id = ?", (id,)).fetchone()
+    assert owner == hashlib.sha256(CLIENT_A.encode()).hexdigest()
+    files = [path, *tmp_path.glob("escalations.sqlite-*")]
+    assert not any(CLIENT_A.encode() in f.read_bytes() for f in files)
