@@ -463,3 +463,22 @@ def test_the_store_keeps_a_hash_of_the_client_key_never_the_key(
     assert owner == hashlib.sha256(CLIENT_A.encode()).hexdigest()
     files = [path, *tmp_path.glob("escalations.sqlite-*")]
     assert not any(CLIENT_A.encode() in f.read_bytes() for f in files)
+
+
+def test_completions_endpoint_gets_text_completions(make_esc_gateway: MakeGateway) -> None:
+    gw = make_esc_gateway()
+    with sdk(gw) as client:
+        raw = client.completions.with_raw_response.create(model="ask-ticket", prompt="Why?")
+    id = raw.headers["x-router-escalation-id"]
+    completion = raw.parse()
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text == f"Ticket {id}: a person will answer."
+    record = api(gw, "GET", f"/v1/escalations/{id}").json()
+    assert (record["endpoint"], record["prompt"], record["messages"]) == (
+        "completions",
+        "Why?",
+        None,
+    )
+    api(gw, "POST", f"/v1/escalations/{id}/answer", json={"content": "Because."})
+    polled = api(gw, "GET", f"/v1/escalations/{id}", CLIENT_A).json()["completion"]
+    assert polled["object"] == "text_completion" and polled["choices"][0]["text"] == "Because."
