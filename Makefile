@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve bench clean-venv vllm-venv
+.PHONY: setup test lint serve bench clean-venv vllm-venv chromium
 
 setup: $(STAMP)
 
@@ -29,7 +29,17 @@ lint: setup
 vllm-venv:
 	scripts/vllm_venv.sh
 
-test: lint vllm-venv
+# Debian's chromium for the reviewer-page browser test (tests/e2e/test_review_page.py, driven by
+# the playwright package; no `playwright install`). Best effort: without apt the test skips.
+# (~1.5 min and ~460 MB once; instant when present.)
+chromium:
+	@command -v chromium >/dev/null || { \
+		APT="$$(command -v sudo >/dev/null && echo 'sudo -n ')apt-get"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$APT install -y chromium || { $$APT update && $$APT install -y chromium; }; \
+	} || echo "chromium not installed: the reviewer-page browser test will skip"
+
+test: lint vllm-venv chromium
 	$(BIN)/python -m pytest -q
 
 serve: setup

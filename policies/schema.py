@@ -15,7 +15,7 @@ Sections (every model forbids unknown keys)::
     experiments:     A/B tests: [{name, model, key, arms: [{name, policy, weight}], control,
                      enabled}]
     events:          per-request records -> sink (sqlite | jsonl | redis | none)
-    escalation:      format fixed, content rejected until it is implemented
+    escalation:      the human-escalation queue (store, lease, expiry, webhook, reviewer keys)
 
 A rule is ``{name, when: Condition, route: backend, fallback: [backends]}``; the conditions of a
 ``when`` are ANDed. ``share: s`` hands the rule the sparsest ``s`` of reference traffic,
@@ -82,6 +82,7 @@ __all__ = [
     "Timeouts",
     "VirtualModel",
     "VllmProbeSettings",
+    "WebhookSettings",
     "format_loc",
 ]
 
@@ -436,13 +437,45 @@ class LocalBackend(_Model):
 
 
 class HumanBackend(_Model):
-    """Escalation to a human reviewer. The format is fixed; validation rejects it for now."""
+    """Escalation to a human reviewer (the ``escalation:`` section configures the queue).
+
+    ``mode: ticket`` answers at once with ``ticket_message`` (``{id}`` is the escalation id) and
+    the client polls ``GET /v1/escalations/{id}``; ``mode: hold`` keeps the request open up to
+    ``wait_s`` and answers with the reviewer's reply, else ``on_timeout`` answers (a backend
+    name, or ``ticket``). ``fallback``: backends that answer when the escalation queue itself
+    is unavailable.
+    """
 
     type: Literal["human"]
+    mode: Literal["ticket", "hold"] = "ticket"
+    wait_s: float = Field(120.0, gt=0, description="hold: how long the request stays open")
+    keepalive_s: float = Field(
+        5.0, gt=0, description="hold + stream: ': waiting' SSE comment interval"
+    )
+    on_timeout: str = Field("ticket", description="hold: backend answering past wait_s, or ticket")
+    ticket_message: str = Field(
+        "A person will answer this request. Your ticket is {id}: poll "
+        "GET /v1/escalations/{id} with the same API key for the answer.",
+        min_length=1,
+    )
+    fallback: tuple[str, ...] = ()
 
-    @property
-    def fallback(self) -> tuple[str, ...]:
-        return ()
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _as_tuple(v)
+
+    @field_validator("ticket_message")
+    @classmethod
+    def _placeholder(cls, v: str) -> str:
+        try:
+            v.format(id="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"ticket_message may only use the placeholder {{id}} (write {{{{ and }}}} for "
+                f"literal braces): {exc}"
+            ) from None
+        return v
 
 
 Backend = Annotated[OpenAIBackend | LocalBackend | HumanBackend, Field(discriminator="type")]
@@ -785,14 +818,57 @@ class Experiment(_Model):
         return self.arms[0]
 
 
+class WebhookSettings(_Model):
+    """POSTed a JSON summary of every new escalation (never blocks the request)."""
+
+    url: str
+    timeout_s: float = Field(5.0, gt=0)
+    retries: int = Field(3, ge=0, le=10, description="retries after the first try, with backoff")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v
+
+
 class EscalationSettings(_Model):
-    """Human escalation: a queue of requests waiting for a reviewer's answer."""
+    """Human escalation: a durable queue of requests waiting for a reviewer's answer.
+
+    ``store: sqlite`` (embedded, one gateway process or several on one host) keeps it in
+    ``path`` (relative to the config file); ``store: redis`` shares it between gateway
+    processes (``redis_url``, else ``cache.redis.url``). A reviewer's claim holds for
+    ``lease_s``; an escalation nobody answered within ``expire_s`` expires. Reviewers use keys
+    with scope ``reviewer`` or ``admin`` (``auth.keys``) or the plain ``reviewer_keys`` here.
+    """
 
     store: Literal["sqlite", "redis"] = "sqlite"
     path: str = "escalations.sqlite"
     redis_url: str | None = None
-    timeout_s: float = Field(3600.0, gt=0)
-    on_timeout: str | None = Field(None, description="backend answering when nobody does")
+    key_prefix: str = "sparsity-router:escalations:"
+    lease_s: float = Field(300.0, gt=0, description="how long a reviewer's claim holds")
+    expire_s: float = Field(86_400.0, gt=0, description="unanswered escalations expire after")
+    webhook: WebhookSettings | None = None
+    reviewer_keys: tuple[str, ...] = Field(
+        (), repr=False, description="keys with scope reviewer (plain, ${ENV} or sha256:<hex>)"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {v!r}")
+        return v
+
+    @field_validator("reviewer_keys", mode="before")
+    @classmethod
+    def _drop_empty(cls, v: Any) -> Any:
+        v = _as_tuple(v)
+        if isinstance(v, list | tuple):
+            return tuple(k.strip() if isinstance(k, str) else k for k in v if k != "")
+        return v
 
 
 class EventsSettings(_Model):
@@ -868,13 +944,6 @@ class Settings(_Model):
 
     _base_dir: Path | None = PrivateAttr(None)
 
-    @field_validator("escalation")
-    @classmethod
-    def _no_escalation(cls, v: EscalationSettings | None) -> EscalationSettings | None:
-        if v is not None and v.model_fields_set:
-            raise ValueError("human escalation is not available yet; remove this section")
-        return None
-
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> Settings:
         if info.context and info.context.get("base_dir") is not None:
@@ -901,26 +970,74 @@ class Settings(_Model):
                     )
                 )
             if isinstance(backend, HumanBackend):
-                others = [repr(n) for n, b in self.backends.items() if b.type != "human"]
-                instead = (
-                    f"route to {' or '.join(others)} instead"
-                    if others
-                    else "add an openai or local backend instead"
-                )
-                problems.append(
-                    (
-                        ("backends", name),
-                        "type 'human' needs human escalation, which is not available yet; "
-                        + instead,
-                    )
-                )
-                continue
+                problems.extend(self._check_human(name, backend))
             for i, target in enumerate(backend.fallback):
                 if target not in self.backends:
                     loc: Loc = ("backends", name, "fallback", i)
                     problems.append((loc, self._unknown_backend(target)))
         problems.extend(self._fallback_cycles())
+        problems.extend(self._human_fallbacks())
         return problems
+
+    def _check_human(self, name: str, backend: HumanBackend) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        target = backend.on_timeout
+        if target != "ticket":
+            if target not in self.backends:
+                problems.append(
+                    (
+                        ("backends", name, "on_timeout"),
+                        f"{self._unknown_backend(target)} (or 'ticket' to answer with a ticket)",
+                    )
+                )
+            elif isinstance(self.backends[target], HumanBackend):
+                problems.append(
+                    (
+                        ("backends", name, "on_timeout"),
+                        f"on_timeout {target!r} is a human backend; name an openai or local "
+                        "backend, or 'ticket'",
+                    )
+                )
+        esc = self.escalation
+        if esc is not None and esc.store == "redis" and esc.redis_url is None:
+            if self.cache.redis is None:
+                problems.append(
+                    (
+                        ("escalation", "redis_url"),
+                        "store 'redis' needs escalation.redis_url (or cache.redis.url)",
+                    )
+                )
+        return problems
+
+    def _human_fallbacks(self) -> list[tuple[Loc, str]]:
+        """A human backend answers only as a decision's own backend, never as a fallback."""
+        problems: list[tuple[Loc, str]] = []
+        humans = {n for n, b in self.backends.items() if isinstance(b, HumanBackend)}
+        msg = (
+            "{t!r} is a human backend and cannot be a fallback; route to it with a rule "
+            "(route:) instead"
+        )
+        for name, backend in self.backends.items():
+            for i, target in enumerate(backend.fallback):
+                if target in humans:
+                    problems.append((("backends", name, "fallback", i), msg.format(t=target)))
+        for pname, policy in self.policies.items():
+            for i, rule in enumerate(policy.rules):
+                for j, target in enumerate(rule.fallback or ()):
+                    if target in humans:
+                        loc: Loc = ("policies", pname, "rules", i, "fallback", j)
+                        problems.append((loc, msg.format(t=target)))
+            for j, target in enumerate(policy.default.fallback or ()):
+                if target in humans:
+                    loc = ("policies", pname, "default", "fallback", j)
+                    problems.append((loc, msg.format(t=target)))
+        return problems
+
+    def escalation_settings(self) -> EscalationSettings | None:
+        """The escalation queue's settings when a human backend exists (defaults if unset)."""
+        if not any(isinstance(b, HumanBackend) for b in self.backends.values()):
+            return None
+        return self.escalation or EscalationSettings()
 
     def _fallback_cycles(self) -> list[tuple[Loc, str]]:
         """Every cycle of the backends' fallback graph, reported once, at its first backend."""

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from policies.schema import Settings
 from probes.probe import SparsityProbe
 from router.errors import envelope
+from router.escalations.routes import escalation_routes
 from router.openapi import openapi_endpoint
 from router.routes import admin
 from router.routes.feedback import FeedbackEndpoint
@@ -162,6 +163,8 @@ def create_app(
             if seconds is not None:
                 logger.info("probe warmed up in %.2f s", seconds)
         sighup = config_path is not None and _install_sighup(app)
+        if state.escalations is not None:
+            await state.escalations.start()
         logger.info(
             "gateway ready: backends %s, virtual models %s",
             ", ".join(state.backends),
@@ -186,6 +189,7 @@ def create_app(
         Route("/metrics", admin.metrics, methods=["GET"]),
         Route("/admin/reload", reload_endpoint, methods=["POST"]),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+        *escalation_routes(),
     ]
     app = Starlette(
         routes=routes,

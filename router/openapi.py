@@ -118,6 +118,53 @@ def _get(summary: str, *statuses: int) -> dict[str, Any]:
     }
 
 
+def _escalation_paths() -> dict[str, Any]:
+    """The human-escalation API (router/escalations/routes.py); 404 when it is not configured."""
+
+    def action(summary: str, field: str | None) -> dict[str, Any]:
+        op: dict[str, Any] = {
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {"description": "the escalation"},
+                **_errors(400, 401, 403, 404, 409, 422, 429),
+            },
+        }
+        if field is not None:
+            op["requestBody"] = {
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {field: {"type": "string"}},
+                            "additionalProperties": False,
+                        }
+                    }
+                }
+            }
+        return {"post": op}
+
+    listing = _get("The escalation queue (reviewer scope)", 400, 401, 403, 404, 429)
+    listing["get"]["parameters"] = [
+        {"name": "status", "in": "query", "schema": {"type": "string"}},
+        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+    ]
+    one = _get("One escalation (its client, or a reviewer)", 401, 403, 404, 429)
+    one["get"]["parameters"] = [
+        {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+    return {
+        "/v1/escalations": listing,
+        "/v1/escalations/{id}": one,
+        "/v1/escalations/{id}/claim": action("Claim for lease_s (reviewer scope)", None),
+        "/v1/escalations/{id}/answer": action("Answer (reviewer scope)", "content"),
+        "/v1/escalations/{id}/reject": action("Reject (reviewer scope)", "reason"),
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -145,6 +192,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_escalation_paths(),
         },
         "components": {
             "schemas": {"Error": _ERROR, "ChatRequest": _CHAT, "CompletionRequest": _COMPLETION},

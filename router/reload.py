@@ -21,6 +21,7 @@ from policies.loader import load_settings
 from policies.schema import Settings
 from probes.errors import RouterError
 from router.auth import KeyRing
+from router.escalations.config import reviewer_keys
 from router.ratelimit import build_rate_limiter
 from router.state import GatewayState
 
@@ -28,7 +29,7 @@ __all__ = ["ReloadOutcome", "reload_state"]
 
 logger = logging.getLogger(__name__)
 
-_NEEDS_RESTART = ("backends", "probe", "calibration", "cache", "events")
+_NEEDS_RESTART = ("backends", "probe", "calibration", "cache", "events", "escalation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,7 @@ def _rebuild(old: GatewayState, new: Settings) -> GatewayState:
         settings=new,
         engine=engine,
         api_keys=tuple(k.encode() for k in new.auth.api_keys),
-        keys=KeyRing.from_settings(new.auth),
+        keys=KeyRing.from_settings(new.auth, reviewer_keys=reviewer_keys(new)),
         rate_limiter=limiter,
     )
 

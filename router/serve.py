@@ -14,6 +14,7 @@ from policies.schema import OpenAIBackend as OpenAIBackendSettings
 from policies.schema import Settings
 from router.backends.openai import OpenAIBackend
 from router.errors import UpstreamError
+from router.escalations.config import describe_human
 
 __all__ = ["check_config", "run_server"]
 
@@ -54,6 +55,8 @@ def _summary(settings: Settings, source: str) -> list[str]:
             )
         elif isinstance(backend, LocalBackendSettings):
             lines.append(f"  backend {name}: local {backend.model or settings.probe.model}")
+        else:
+            lines.append(f"  backend {name}: {describe_human(backend, settings)}")
         fallback = tuple(backend.fallback)
         if fallback:
             lines[-1] += f" (fallback: {', '.join(fallback)})"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import anyio.to_thread
 
 from policies.engine import PolicyEngine
+from policies.schema import HumanBackend as HumanBackendSettings
 from policies.schema import LocalBackend as LocalBackendSettings
 from policies.schema import OpenAIBackend as OpenAIBackendSettings
 from policies.schema import Settings
@@ -22,6 +23,9 @@ from router.backends.base import Backend
 from router.backends.local import LocalBackend
 from router.backends.openai import OpenAIBackend
 from router.cache import MemoryCache, RedisCache, TieredCache
+from router.escalations.config import build_escalations, reviewer_keys
+from router.escalations.metrics import EscalationMetrics
+from router.escalations.service import EscalationService
 from router.events import EventLog, open_sink
 from router.metrics import GatewayMetrics
 from router.probing import BatchingConfig, ProbeService
@@ -45,6 +49,7 @@ class GatewayState:
     keys: KeyRing = field(default_factory=KeyRing)
     rate_limiter: RateLimiter | None = None
     events: EventLog | None = None
+    escalations: EscalationService | None = None  # human backends: router/escalations
 
     def authorized(self, header: bytes | None) -> bool:
         """Whether ``header`` carries a client-scoped (or admin) key; True with auth off."""
@@ -59,6 +64,11 @@ class GatewayState:
         if self.events is not None:
             events = self.events
             await anyio.to_thread.run_sync(events.close)
+        if self.escalations is not None:
+            try:
+                await self.escalations.aclose()
+            except Exception:
+                logger.exception("closing the escalation queue failed")
         if self.rate_limiter is not None:
             await self.rate_limiter.aclose()
         if self.probe is not None:
@@ -201,6 +211,8 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
             backends[name] = LocalBackend(
                 name, loaded, model_name=name, max_new_tokens=spec.max_new_tokens
             )
+        elif isinstance(spec, HumanBackendSettings):
+            continue  # answered by router/escalations, not dispatched
         else:  # pragma: no cover - the schema rejects other types
             raise TypeError(f"backend {name!r}: unsupported type {type(spec).__name__}")
 
@@ -219,7 +231,8 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         probe=service,
         direct_models=direct,
         api_keys=tuple(k.encode() for k in settings.auth.api_keys),
-        keys=KeyRing.from_settings(settings.auth),
+        keys=KeyRing.from_settings(settings.auth, reviewer_keys=reviewer_keys(settings)),
+        escalations=build_escalations(settings, EscalationMetrics.create(metrics.registry)),
         rate_limiter=build_rate_limiter(
             settings.auth.rate_limit,
             settings.cache.redis.url if settings.cache.redis is not None else None,

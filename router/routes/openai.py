@@ -30,6 +30,7 @@ from router.errors import (
     UpstreamStatus,
     envelope,
 )
+from router.escalations.handler import answer_by_human, is_human
 from router.guard import admit
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest, parse_request
@@ -247,6 +248,19 @@ class CompletionsEndpoint:
             routed = await _route(state, scope, parsed)
             routed.request_id = trace.request_id
             rule, backend_name = routed.decision.rule, routed.decision.backend
+            if state.escalations is not None and is_human(state.settings.backends, backend_name):
+                status, backend_name = await answer_by_human(
+                    state,
+                    scope,
+                    self.endpoint,
+                    parsed,
+                    routed.decision,
+                    routed.outcome,
+                    routed.headers(backend_name, ()),
+                    receive,
+                    send,
+                )
+                return
             status, backend_name = await self._answer(state, routed, receive, send, start, trace)
         except _Disconnected:
             status = 499

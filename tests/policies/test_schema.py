@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from policies.errors import ConfigError, ConfigProblem
 from policies.loader import default_config_path, interpolate, load_settings, parse_settings
 from policies.schema import (
+    EscalationSettings,
+    HumanBackend,
     LocalBackend,
     OpenAIBackend,
     ProbeSection,
@@ -102,13 +104,15 @@ def test_vllm_example() -> None:
     assert set(s.virtual_models) == {"auto", "auto-cheap"}
 
 
-def test_three_tier_example_fails_with_the_human_message() -> None:
-    path = EXAMPLES / "three-tier.yaml"
-    assert _load_error(path) == (
-        f"{path}:20: backends.human: type 'human' needs human escalation, which is not "
-        "available yet; route to 'small' or 'large' instead"
-    )
-    assert "DOES NOT LOAD YET" in path.read_text()
+def test_three_tier_example_loads_with_its_human_tier() -> None:
+    s = load_settings(EXAMPLES / "three-tier.yaml")
+    human = s.backends["human"]
+    assert isinstance(human, HumanBackend)
+    assert (human.mode, human.wait_s, human.on_timeout) == ("hold", 120, "large")
+    esc = s.escalation_settings()
+    assert esc is not None and esc.store == "sqlite" and esc.lease_s == 300
+    assert s.resolve_path(esc.path) == EXAMPLES / "escalations.sqlite"
+    assert "DOES NOT LOAD YET" not in (EXAMPLES / "three-tier.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", ["good-minimal.yaml", "good-all-conditions.yaml"])
@@ -164,7 +168,9 @@ def test_settings_defaults_and_direct_python_use() -> None:
 
 def test_empty_sections_for_future_features_are_accepted() -> None:
     s = parse_settings(MINIMAL + "experiments: []\nescalation: {}\nevents:\n")
-    assert s.experiments == () and s.escalation is None and s.events is None
+    assert s.experiments == () and s.events is None
+    # an empty escalation section is the defaults; without a human backend it is unused
+    assert s.escalation == EscalationSettings() and s.escalation_settings() is None
 
 
 def test_format_loc_and_problem_rendering() -> None:
@@ -259,8 +265,10 @@ BROKEN: dict[str, list[str]] = {
         "5: virtual_models.smart.policy: unknown policy 'smrt'; known: default, smart"
     ],
     "bad-human-backend.yaml": [
-        "6: backends.human: type 'human' needs human escalation, which is not available yet; "
-        "route to 'small' or 'large' instead"
+        "6: backends.large.fallback[0]: 'human' is a human backend and cannot be a fallback; "
+        "route to it with a rule (route:) instead",
+        "7: backends.human.on_timeout: unknown backend 'lage'; known: human, large, small "
+        "(or 'ticket' to answer with a ticket)",
     ],
     "bad-yaml-syntax.yaml": ["6:20: YAML syntax error: mapping values are not allowed here"],
     "bad-missing-env.yaml": [
@@ -367,7 +375,14 @@ def test_problems_carry_structured_fields() -> None:
         ),
         (
             "escalation:\n  timeout_s: 60\n",
-            "s.yaml:7: escalation: human escalation is not available yet; remove this section",
+            "s.yaml:8: escalation: unknown key 'timeout_s' (allowed: expire_s, key_prefix, "
+            "lease_s, path, redis_url, reviewer_keys, store, webhook)",
+        ),
+        (
+            "escalation: {lease_s: 0, webhook: {url: 'ftp://x'}}\n",
+            "s.yaml:7: escalation.lease_s: must be greater than 0, got 0\n"
+            "s.yaml:7: escalation.webhook.url: expected an http:// or https:// URL, "
+            "got 'ftp://x'",
         ),
         (
             "virtual_models: {auto: {policy: default, x: 1}}\n",
@@ -567,3 +582,40 @@ def test_aliases_are_interpolated_once() -> None:
         ("http://v/$${x}",),
         ("http://v/$${x}",),
     ]
+
+
+HUMAN = """\
+backends:
+  small: {type: local}
+  human: {type: human, mode: hold, wait_s: 5, on_timeout: small}
+policies:
+  default:
+    rules:
+      - {name: review, when: {always: true}, route: human, fallback: [small]}
+    default: small
+    on_probe_error: small
+"""
+
+
+def test_human_backend_and_escalation_section() -> None:
+    s = parse_settings(HUMAN + "escalation: {store: redis, redis_url: 'redis://r:6379/1'}\n")
+    human = s.backends["human"]
+    assert isinstance(human, HumanBackend) and human.on_timeout == "small"
+    esc = s.escalation_settings()
+    assert esc is not None and esc.store == "redis" and esc.redis_url == "redis://r:6379/1"
+    # no escalation section: the defaults (SQLite next to the config file)
+    assert parse_settings(HUMAN).escalation_settings() == EscalationSettings()
+    with pytest.raises(ConfigError) as info:
+        parse_settings(HUMAN + "escalation: {store: redis}\n", "h.yaml", env={})
+    assert str(info.value) == (
+        "h.yaml:10: escalation.redis_url: store 'redis' needs escalation.redis_url "
+        "(or cache.redis.url)"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_settings(
+            HUMAN.replace("on_timeout: small", "on_timeout: human, ticket_message: 'x {nope}'"),
+            "h.yaml",
+            env={},
+        )
+    assert "h.yaml:3: backends.human.ticket_message: " in str(info.value)
+    assert "may only use the placeholder {id}" in str(info.value)

@@ -122,10 +122,11 @@ def test_check_ping(
     assert "ping large: FAILED" in capsys.readouterr().out
 
 
-def test_check_refuses_human_until_escalation_lands(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", str(ROOT / "config/examples/three-tier.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "human escalation" in err
+def test_check_accepts_the_three_tier_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(ROOT / "config/examples/three-tier.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "backend human: human (hold 120 s, then large; queue: sqlite " in out
+    assert "policy default: review -> human, sparse -> large" in out
 
 
 def test_check_reports_yaml_path_and_line(
