@@ -59,7 +59,8 @@ def test_default_config_env_unset() -> None:
     assert s.base_dir == DEFAULT.parent
     assert s.probe.timeout_s == 2.0
     # metric and layer are not pinned: the code's defaults apply
-    assert s.probe.probe_settings() == ProbeSettings()
+    assert s.probe.probe_settings() == ProbeSettings(prefix_cache=True)
+    assert s.probe.warm_up and s.probe.batching.enabled
     assert s.virtual_models["auto"].policy == "default"
     policy = s.policies["default"]
     assert [r.name for r in policy.rules] == ["sparse"]
