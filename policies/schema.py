@@ -999,6 +999,16 @@ class Settings(_Model):
                     )
                 )
         esc = self.escalation
+        expire_s = (esc or EscalationSettings()).expire_s
+        if backend.mode == "hold" and backend.wait_s >= expire_s:
+            problems.append(
+                (
+                    ("backends", name, "wait_s"),
+                    f"a hold of {backend.wait_s:g} s outlives escalation.expire_s "
+                    f"({expire_s:g} s): the escalation would expire before on_timeout answers. "
+                    "Fix: make wait_s shorter than expire_s",
+                )
+            )
         if esc is not None and esc.store == "redis" and esc.redis_url is None:
             if self.cache.redis is None:
                 problems.append(

@@ -268,8 +268,11 @@ BROKEN: dict[str, list[str]] = {
     "bad-human-backend.yaml": [
         "6: backends.large.fallback[0]: 'human' is a human backend and cannot be a fallback; "
         "route to it with a rule (route:) instead",
-        "7: backends.human.on_timeout: unknown backend 'lage'; known: human, large, small "
+        "7: backends.human.on_timeout: unknown backend 'lage'; known: desk, human, large, small "
         "(or 'ticket' to answer with a ticket)",
+        "8: backends.desk.wait_s: a hold of 600 s outlives escalation.expire_s (300 s): the "
+        "escalation would expire before on_timeout answers. Fix: make wait_s shorter than "
+        "expire_s",
     ],
     "bad-yaml-syntax.yaml": ["6:20: YAML syntax error: mapping values are not allowed here"],
     "bad-missing-env.yaml": [
