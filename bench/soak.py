@@ -34,10 +34,12 @@ import httpx
 import psutil
 import uvicorn
 
+from bench.proxy_overhead import prompts
 from tests.servers import serve_lifespan
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = [sys.executable, "-m", "router.cli", "serve"]
+PROMPTS = prompts()
 
 
 async def fake_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -137,9 +139,56 @@ policies:
 """
 
 
-def start_gateway(upstream_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+# --full: the whole request path. The bundled probe with the embedded default's calibration and
+# prefix cache, micro-batching, the memory probe cache, a share rule, an A/B experiment keyed by
+# `user`, and every request recorded to SQLite (checked against the requests sent at the end).
+FULL_CONFIG = """
+auth:
+  keys: [{{key: soak-key, name: soak}}]
+  rate_limit: {{requests_per_s: 10000, burst: 10000}}
+probe: {{prefix_cache: true, timeout_s: 5}}
+calibration: {{path: "{calibration}"}}
+cache: {{memory: {{max_entries: 10000, ttl_s: 3600}}}}
+backends:
+  small: {{type: openai, base_urls: ["{url}"], model: small-served}}
+  large: {{type: openai, base_urls: ["{url}"], model: large-served, fallback: [small]}}
+policies:
+  large-30:
+    rules: [{{name: sparse, when: {{share: 0.3}}, route: large}}]
+    default: small
+    on_probe_error: large
+  large-10:
+    rules: [{{name: sparse, when: {{share: 0.1}}, route: large}}]
+    default: small
+    on_probe_error: large
+virtual_models:
+  auto: {{policy: large-30}}
+experiments:
+  - name: soak-share
+    model: auto
+    key: user
+    control: large-30
+    arms:
+      - {{name: large-30, policy: large-30, weight: 0.5}}
+      - {{name: large-10, policy: large-10, weight: 0.5}}
+events: {{sink: sqlite, path: "{events}"}}
+"""
+
+
+def start_gateway(
+    upstream_url: str, workdir: Path, full: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     config = workdir / "soak.yaml"
-    config.write_text(CONFIG.format(url=upstream_url))
+    if full:
+        config.write_text(
+            FULL_CONFIG.format(
+                url=upstream_url,
+                calibration=ROOT / "config" / "calibration" / "default.json",
+                events=workdir / "events.sqlite",
+            )
+        )
+    else:
+        config.write_text(CONFIG.format(url=upstream_url))
     port = free_port()
     log = open(workdir / "gateway.log", "wb")
     proc = subprocess.Popen(
@@ -167,10 +216,15 @@ def start_gateway(upstream_url: str, workdir: Path) -> tuple[subprocess.Popen[by
 
 
 async def one_request(client: httpx.AsyncClient, stream: bool, i: int) -> tuple[bool, float]:
+    # 64 varied recurring prompts (probe-cache hits once seen); every 10th one is new (a pass)
+    text = PROMPTS[i % len(PROMPTS)]
+    if i % 10 == 0:
+        text = f"{text} (variant {i})"
     body = {
         "model": "auto",
-        "messages": [{"role": "user", "content": f"soak request {i}: say something"}],
+        "messages": [{"role": "user", "content": text}],
         "stream": stream,
+        "user": f"user-{i % 97}",
     }
     start = time.perf_counter()
     try:
@@ -246,11 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="requests per second")
     parser.add_argument("--window", type=float, default=30.0, help="report window, seconds")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before RSS at start")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole path: probe, calibration, share rules, an A/B experiment, SQLite events",
+    )
     args = parser.parse_args(argv)
 
     upstream, thread, upstream_url = start_upstream()
+    events_summary = ""
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_gateway(upstream_url, Path(tmp))
+        proc, url = start_gateway(upstream_url, Path(tmp), full=args.full)
         try:
             gateway = psutil.Process(proc.pid)
             asyncio.run(load(url, args.rate, args.warmup, args.warmup))
@@ -265,11 +325,15 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
             upstream.should_exit = True
             thread.join(timeout=10)
+        if args.full:  # after a clean shutdown every request has its event
+            sent = len(range(int(args.warmup * args.rate))) + total_sent(windows)
+            events_summary = summarise_events(Path(tmp) / "events.sqlite", sent)
 
     total = sum(w["requests"] for w in windows)
     errors = sum(w["errors"] for w in windows)
     print(
         f"soak: {args.duration:.0f} s at {args.rate:g} req/s, half streaming, one gateway process"
+        + (" (full path: probe, experiment, SQLite events)" if args.full else "")
     )
     print(f"{'window':>12} {'requests':>9} {'errors':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for w in windows:
@@ -283,7 +347,32 @@ def main(argv: list[str] | None = None) -> int:
         f"gateway RSS: start {rss_start / 2**20:.1f} MiB, end {rss_end / 2**20:.1f} MiB, "
         f"growth {growth:+.2f} % (ratio end/start {rss_end / rss_start:.3f}; target < 10 %)"
     )
-    return 0 if errors == 0 else 1
+    if events_summary:
+        print(events_summary)
+    return 0 if errors == 0 and "MISSING" not in events_summary else 1
+
+
+def total_sent(windows: list[dict[str, Any]]) -> int:
+    return sum(int(w["requests"]) for w in windows)
+
+
+def summarise_events(path: Path, sent: int) -> str:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        total = db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+        rows = db.execute(
+            "SELECT arm, backend, COUNT(*) FROM requests GROUP BY arm, backend "
+            "ORDER BY arm, backend"
+        ).fetchall()
+        cache = db.execute("SELECT cache, COUNT(*) FROM requests GROUP BY cache").fetchall()
+    split = ", ".join(f"{arm}/{backend} {n}" for arm, backend, n in rows)
+    hits = ", ".join(f"{c} {n}" for c, n in cache)
+    lost = "none lost" if total == sent else f"{sent - total} MISSING"
+    return (
+        f"events recorded {total} of {sent} requests sent, warm-up included ({lost}); "
+        f"arm/backend: {split}; probe cache: {hits}"
+    )
 
 
 if __name__ == "__main__":

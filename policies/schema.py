@@ -824,6 +824,16 @@ class WebhookSettings(_Model):
     url: str
     timeout_s: float = Field(5.0, gt=0)
     retries: int = Field(3, ge=0, le=10, description="retries after the first try, with backoff")
+    secret: str | None = Field(
+        None,
+        description="HMAC-SHA256 signing secret (use ${ENV}); the receiver checks "
+        "x-router-signature = sha256=hex(HMAC(secret, timestamp + '.' + body))",
+    )
+
+    @field_validator("secret")
+    @classmethod
+    def _no_blank_secret(cls, v: str | None) -> str | None:
+        return v or None  # "${WEBHOOK_SECRET:-}" unset: unsigned
 
     @field_validator("url")
     @classmethod

@@ -4,12 +4,20 @@ Delivery runs in a background task (the request never waits for it), retried wit
 backoff (0.5 s, 1 s, 2 s, ...) on connection errors, timeouts and non-2xx answers. A delivery that
 fails every try is logged at WARNING and counted in ``router_escalation_webhook_failures``. The
 summary carries ids, rule and scores, never the conversation (reviewers read it on /review).
+
+With ``secret`` set, every delivery carries ``x-router-timestamp`` (Unix seconds) and
+``x-router-signature: sha256=<hex>``, the HMAC-SHA256 of ``timestamp + "." + body`` under the
+secret, so a receiver can reject forged or replayed calls (see :func:`signature`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,9 +25,15 @@ import aiohttp
 
 from policies.schema import WebhookSettings
 
-__all__ = ["Webhook"]
+__all__ = ["Webhook", "signature"]
 
 logger = logging.getLogger(__name__)
+
+
+def signature(secret: str, timestamp: str, body: bytes) -> str:
+    """The ``x-router-signature`` value for ``body`` sent at ``timestamp``."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
 
 
 class Webhook:
@@ -62,9 +76,17 @@ class Webhook:
             )
         tries = self.settings.retries + 1
         problem = ""
+        body = json.dumps(payload, separators=(",", ":")).encode()
         for attempt in range(tries):
+            headers = {"content-type": "application/json"}
+            if self.settings.secret is not None:
+                timestamp = str(int(time.time()))
+                headers["x-router-timestamp"] = timestamp
+                headers["x-router-signature"] = signature(self.settings.secret, timestamp, body)
             try:
-                async with self._session.post(self.settings.url, json=payload) as response:
+                async with self._session.post(
+                    self.settings.url, data=body, headers=headers
+                ) as response:
                     if 200 <= response.status < 300:
                         self._on_delivered()
                         return

@@ -21,6 +21,7 @@ import pytest
 from policies.loader import parse_settings
 from probes.probe import SparsityProbe
 from router.app import create_app
+from router.escalations.webhook import signature
 from tests.redis_server import RedisServer
 from tests.router.escalation_helpers import (
     CLIENT_A,
@@ -322,6 +323,8 @@ class Hook:
     def __init__(self, fail: int) -> None:
         self.fail = fail
         self.calls: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.bodies: list[bytes] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -334,6 +337,8 @@ class Hook:
             if not message.get("more_body"):
                 break
         self.calls.append(json.loads(raw))
+        self.bodies.append(raw)
+        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         status = 500 if len(self.calls) <= self.fail else 204
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
@@ -355,6 +360,28 @@ def test_webhook_is_retried_and_failures_are_counted(make_esc_gateway: MakeGatew
     assert "messages" not in hook.calls[1]
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
     assert 'router_escalation_webhook_total{result="delivered"} 1.0' in metrics
+    assert "x-router-signature" not in hook.headers[0]  # no secret configured: unsigned
+
+
+def test_webhook_deliveries_are_signed(
+    make_esc_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOOK_SECRET", "s3cret")
+    hook = Hook(fail=0)
+    with ServerThread(hook) as receiver:
+        gw = make_esc_gateway(
+            extra_escalation=f"webhook: {{url: '{receiver.url}/hook', secret: '${{HOOK_SECRET}}'}}"
+        )
+        ask(gw, "ask-ticket")
+        deadline = time.monotonic() + 10
+        while not hook.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+    headers, body = hook.headers[0], hook.bodies[0]
+    stamp = headers["x-router-timestamp"]
+    assert abs(int(stamp) - time.time()) < 60
+    assert headers["x-router-signature"] == signature("s3cret", stamp, body)
+    assert headers["x-router-signature"] != signature("wrong", stamp, body)
+    assert "s3cret" not in body.decode()
 
 
 def test_two_gateways_share_one_redis_queue(
