@@ -860,6 +860,12 @@ class EscalationSettings(_Model):
     key_prefix: str = "sparsity-router:escalations:"
     lease_s: float = Field(300.0, gt=0, description="how long a reviewer's claim holds")
     expire_s: float = Field(86_400.0, gt=0, description="unanswered escalations expire after")
+    retention_s: float | None = Field(
+        30 * 86_400.0,
+        gt=0,
+        description="closed escalations (answered, rejected, expired) created longer ago are "
+        "deleted; null keeps them forever",
+    )
     webhook: WebhookSettings | None = None
     reviewer_keys: tuple[str, ...] = Field(
         (), repr=False, description="keys with scope reviewer (plain, ${ENV} or sha256:<hex>)"

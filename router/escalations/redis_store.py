@@ -205,6 +205,24 @@ class RedisEscalationStore:
         ids = await self._redis.zrangebyscore(self._open, "-inf", f"({before!r}")
         return [_s(i) or "" for i in ids]
 
+    async def purge(self, before: float, now: float) -> int:
+        old = [
+            _s(i) or "" for i in await self._redis.zrangebyscore(self._all, "-inf", f"({before!r}")
+        ]
+        if not old:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for id in old:
+                pipe.zscore(self._open, id)
+            still_open = await pipe.execute()
+        closed = [id for id, score in zip(old, still_open, strict=True) if score is None]
+        if closed:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*[self._key(id) for id in closed])
+                pipe.zrem(self._all, *closed)
+                await pipe.execute()
+        return len(closed)
+
     async def count_open(self, now: float) -> int:
         return int(await self._redis.zcard(self._open))
 

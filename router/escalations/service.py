@@ -4,7 +4,8 @@ waiting for an answer.
 A request in hold mode waits in :meth:`EscalationService.wait`: woken at once by a transition in
 this process, by the Redis event stream for transitions in other processes (``store: redis``),
 and otherwise by polling the store every ``poll_s`` (several processes on one SQLite file).
-A sweeper task expires escalations older than ``expire_s`` and refreshes the pending gauge.
+A sweeper task expires escalations older than ``expire_s``, deletes closed ones older than
+``retention_s``, and refreshes the pending gauge.
 
 Webhooks: with SQLite the process that created an escalation delivers it. With Redis every
 gateway process reads the event stream in one consumer group (``webhook``), so each new
@@ -176,6 +177,11 @@ class EscalationService:
                 continue
             except Exception as exc:  # a conflict: closed meanwhile
                 logger.debug("expiring %s: %s", id, exc)
+        retention = self.settings.retention_s
+        if retention is not None:
+            purged = await self.store.purge(now - retention, now)
+            if purged:
+                logger.info("deleted %d closed escalations older than %g s", purged, retention)
         self.metrics.open.set(await self.store.count_open(self.clock()))
         return expired
 

@@ -189,6 +189,18 @@ class SQLiteEscalationStore:
 
         return await self._run(select)
 
+    async def purge(self, before: float, now: float) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            with db:
+                cursor = db.execute(
+                    "DELETE FROM escalations WHERE status IN ('answered', 'rejected', 'expired') "
+                    "AND created < ?",
+                    (before,),
+                )
+            return int(cursor.rowcount)
+
+        return await self._run(delete)
+
     async def count_open(self, now: float) -> int:
         def count(db: sqlite3.Connection) -> int:
             row = db.execute(

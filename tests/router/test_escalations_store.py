@@ -208,6 +208,28 @@ async def test_service_sweeper_expires_and_counts(store: EscalationStore) -> Non
     assert sample(svc, "router_escalations_closed_total", status="expired") == 1
 
 
+async def test_closed_escalations_are_deleted_after_retention(store: EscalationStore) -> None:
+    now = [T0]
+    svc = service_for(store, lambda: now[0], expire_s=7200, retention_s=3600)
+    answered = await svc.create(new("answered"))
+    await svc.answer(answered.id, "alice", "done")
+    open_one = await svc.create(new("still open"))
+    await store.transition(open_one.id, "claim", "bob", "", T0 + 1, T0 + 60)
+    rejected = await svc.create(new("rejected"))
+    await svc.reject(rejected.id, "alice", "spam")
+    now[0] = T0 + 1800
+    recent = await svc.create(new("recent"))
+    await svc.answer(recent.id, "alice", "done too")
+    await svc.sweep()
+    assert await svc.get(answered.id) is not None  # not old enough yet
+    now[0] = T0 + 3601
+    await svc.sweep()
+    assert await svc.get(answered.id) is None and await svc.get(rejected.id) is None
+    kept = await store.query(["pending", "claimed", "answered", "rejected", "expired"], now[0])
+    assert {e.id for e in kept} == {open_one.id, recent.id}  # open or recent: kept
+    assert await store.purge(now[0], now[0]) == 1  # only the closed one (recent) goes
+
+
 async def test_service_wait_wakes_on_an_answer_from_another_instance(
     make_store: Callable[[], EscalationStore],
 ) -> None:
