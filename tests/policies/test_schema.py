@@ -380,7 +380,7 @@ def test_problems_carry_structured_fields() -> None:
         (
             "escalation:\n  timeout_s: 60\n",
             "s.yaml:8: escalation: unknown key 'timeout_s' (allowed: expire_s, key_prefix, "
-            "lease_s, path, redis_url, reviewer_keys, store, webhook)",
+            "lease_s, path, redis_url, retention_s, reviewer_keys, store, webhook)",
         ),
         (
             "escalation: {lease_s: 0, webhook: {url: 'ftp://x'}}\n",
