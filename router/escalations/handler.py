@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from policies.engine import Decision
 from policies.schema import HumanBackend
+from router.asgi import send_json
 from router.backends.base import Endpoint
 from router.dispatch import dispatch
 from router.errors import Forbidden, HTTPError, NoBackendAvailable, UpstreamError, envelope
@@ -62,21 +63,6 @@ def owner_of(scope: Scope, auth_enabled: bool) -> str | None:
         if key == b"authorization" and bytes(value[:7]).lower() == b"bearer ":
             return hashlib.sha256(bytes(value[7:]).strip()).hexdigest()
     return None
-
-
-async def _send_json(send: Send, status: int, body: bytes, headers: Headers) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _chunk(send: Send, body: bytes, more: bool = True) -> None:
@@ -222,7 +208,7 @@ async def _send_text(
         )
         await _chunk(send, sse_chunks(endpoint, record.id, parsed.model, text), more=False)
     else:
-        await _send_json(
+        await send_json(
             send, 200, completion_body(endpoint, record.id, parsed.model, text), headers
         )
 
@@ -267,7 +253,7 @@ async def _hold(
                 await _chunk(send, sse_chunks(endpoint, record.id, parsed.model, text), more=False)
             else:
                 body = completion_body(endpoint, record.id, parsed.model, text)
-                await _send_json(send, 200, body, headers)
+                await send_json(send, 200, body, headers)
             return 200, record.backend
         try:
             await service.expire(
@@ -287,7 +273,7 @@ async def _hold(
         if streaming:
             await _chunk(send, sse_chunks(endpoint, record.id, parsed.model, text), more=False)
         else:
-            await _send_json(
+            await send_json(
                 send, 200, completion_body(endpoint, record.id, parsed.model, text), headers
             )
         return 200, record.backend
@@ -299,7 +285,7 @@ async def _hold(
     if streaming:
         await _chunk(send, b"data: " + error.body() + b"\n\ndata: [DONE]\n\n", more=False)
         return 200, record.backend
-    await _send_json(send, error.status, error.body(), [])
+    await send_json(send, error.status, error.body(), [])
     return error.status, record.backend
 
 
@@ -332,7 +318,7 @@ async def _dispatch_and_send(
         if started:  # the client streams; the backend answered in one piece
             await _chunk(send, body, more=False)
         else:
-            await _send_json(send, result.status, body, out)
+            await send_json(send, result.status, body, out)
         return 200, answered
     if not started:
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + out})

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from policies.engine import Decision, RequestContext
+from router.asgi import send_json
 from router.backends.base import Endpoint
 from router.dispatch import Dispatched, dispatch
 from router.errors import (
@@ -74,23 +75,6 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-async def send_json(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 async def send_error(send: Send, exc: HTTPError) -> None:
