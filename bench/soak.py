@@ -35,7 +35,7 @@ import psutil
 import uvicorn
 
 from bench.proxy_overhead import prompts
-from tests.servers import serve_lifespan
+from tests.servers import receive_body, serve_lifespan
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY = [sys.executable, "-m", "router.cli", "serve"]
@@ -47,12 +47,7 @@ async def fake_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await serve_lifespan(receive, send)
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await receive_body(receive)
     request = json.loads(body or b"{}")
     if not request.get("stream"):
         payload = {

@@ -124,6 +124,15 @@ def _as_tuple(value: Any) -> Any:
     return (value,) if isinstance(value, str) else value
 
 
+def _key_list(value: Any) -> Any:
+    """A list of keys: one string stands for a list of one; entries stripped, empty ones (an
+    unset ``${VAR:-}``) dropped."""
+    value = _as_tuple(value)
+    if isinstance(value, list | tuple):
+        return tuple(k.strip() if isinstance(k, str) else k for k in value if k != "")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -188,10 +197,7 @@ class AuthSettings(_Model):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _drop_empty(cls, v: Any) -> Any:
-        v = _as_tuple(v)
-        if isinstance(v, list | tuple):
-            return tuple(k.strip() if isinstance(k, str) else k for k in v if k != "")
-        return v
+        return _key_list(v)
 
     @field_validator("api_keys")
     @classmethod
@@ -881,10 +887,7 @@ class EscalationSettings(_Model):
     @field_validator("reviewer_keys", mode="before")
     @classmethod
     def _drop_empty(cls, v: Any) -> Any:
-        v = _as_tuple(v)
-        if isinstance(v, list | tuple):
-            return tuple(k.strip() if isinstance(k, str) else k for k in v if k != "")
-        return v
+        return _key_list(v)
 
 
 class EventsSettings(_Model):

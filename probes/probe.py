@@ -38,6 +38,7 @@ __all__ = [
     "ProbeResult",
     "ProbeSettings",
     "SparsityProbe",
+    "probe_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -218,6 +219,32 @@ def _decoder_parts(model: Any) -> tuple[Any, nn.ModuleList, nn.Module | None]:
     )
 
 
+def probe_fingerprint(
+    settings: ProbeSettings,
+    *,
+    n_layers: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    score_layer: int,
+) -> dict[str, Any]:
+    """The fingerprint of a probe with these settings on a model of this shape: the local probe
+    and the remote one (router.remote_probe) share it, so calibrations carry over."""
+    s = settings
+    return {
+        "model": s.model,
+        "n_layers": n_layers,
+        "hidden_size": hidden_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "layer": score_layer,
+        "metric": s.score_metric,
+        "position": s.score_position,
+        "max_tokens": s.max_tokens,
+        "chat_template": s.chat_template,
+        "system_prompt": s.system_prompt,
+        "code_version": PROBE_VERSION,
+    }
+
+
 class SparsityProbe:
     """Measures activation sparsity of a causal LM on requests. Thread-safe (one pass at a time)."""
 
@@ -263,20 +290,13 @@ class SparsityProbe:
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the score's numbers; calibrations must match it."""
-        s = self.settings
-        return {
-            "model": s.model,
-            "n_layers": self.n_layers,
-            "hidden_size": self.loaded.hidden_size,
-            "dtype": str(self.loaded.dtype).removeprefix("torch."),
-            "layer": self.score_layer,
-            "metric": s.score_metric,
-            "position": s.score_position,
-            "max_tokens": s.max_tokens,
-            "chat_template": s.chat_template,
-            "system_prompt": s.system_prompt,
-            "code_version": PROBE_VERSION,
-        }
+        return probe_fingerprint(
+            self.settings,
+            n_layers=self.n_layers,
+            hidden_size=self.loaded.hidden_size,
+            dtype=self.loaded.dtype,
+            score_layer=self.score_layer,
+        )
 
     # -- input preparation ---------------------------------------------------------------
     def render(self, item: ProbeInput, index: int = 0) -> str:

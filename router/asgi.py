@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from starlette.types import Send
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
-__all__ = ["send_json"]
+__all__ = ["DisconnectWatcher", "Message", "Receive", "Scope", "Send", "send_json"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
 async def send_json(
@@ -23,3 +30,29 @@ async def send_json(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class DisconnectWatcher:
+    """Cancel ``task`` when the client disconnects (``receive`` yields ``http.disconnect``).
+
+    Stopped (synchronously) as soon as the answer is sent: uvicorn's ``receive`` also reports a
+    disconnect once the response is complete, which must not cancel anything.
+    """
+
+    __slots__ = ("_watch", "fired")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self.fired = False
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.fired = True
+                    task.cancel()
+                    return
+
+        self._watch = asyncio.get_running_loop().create_task(watch())
+
+    def stop(self) -> None:
+        self._watch.cancel()

@@ -36,7 +36,7 @@ from probes.encoding import PromptEncoder
 from probes.errors import ProbeError
 from probes.metrics import compute_all, sparsity
 from probes.model import load_tokenizer, model_dir, resolve_dtype
-from probes.probe import PROBE_VERSION, ProbeInput, ProbeResult, ProbeSettings
+from probes.probe import ProbeInput, ProbeResult, ProbeSettings, probe_fingerprint
 
 __all__ = ["RemoteProbe", "RemoteProbeError"]
 
@@ -75,20 +75,13 @@ class RemoteProbe:
 
     def fingerprint(self) -> dict[str, Any]:
         """The local probe's fingerprint for the same settings (calibrations carry over)."""
-        s = self.settings
-        return {
-            "model": s.model,
-            "n_layers": self.n_layers,
-            "hidden_size": self.hidden_size,
-            "dtype": str(resolve_dtype(s.dtype, torch.device("cpu"))).removeprefix("torch."),
-            "layer": self.score_layer,
-            "metric": s.score_metric,
-            "position": s.score_position,
-            "max_tokens": s.max_tokens,
-            "chat_template": s.chat_template,
-            "system_prompt": s.system_prompt,
-            "code_version": PROBE_VERSION,
-        }
+        return probe_fingerprint(
+            self.settings,
+            n_layers=self.n_layers,
+            hidden_size=self.hidden_size,
+            dtype=resolve_dtype(self.settings.dtype, torch.device("cpu")),
+            score_layer=self.score_layer,
+        )
 
     # -- measurement ---------------------------------------------------------------------
     async def ameasure_one(self, item: ProbeInput) -> ProbeResult:

@@ -68,6 +68,16 @@ class ServerThread:
         self.stop()
 
 
+async def receive_body(receive: Receive) -> bytes:
+    """The whole request body of an ASGI http scope."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 async def serve_lifespan(receive: Receive, send: Send) -> None:
     """Answer an ASGI lifespan scope: nothing to start or stop."""
     while True:
@@ -106,12 +116,7 @@ class FakeUpstream:
                 {"object": "list", "data": [{"id": f"{self.name}-model", "object": "model"}]},
             )
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await receive_body(receive)
         body = json.loads(raw)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append({"path": path, "body": body, "headers": headers})

@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from policies.engine import Decision
 from policies.schema import HumanBackend
-from router.asgi import send_json
+from router.asgi import DisconnectWatcher, Receive, Scope, Send, send_json
 from router.backends.base import Endpoint
 from router.dispatch import dispatch
 from router.errors import Forbidden, HTTPError, NoBackendAvailable, UpstreamError, envelope
@@ -38,10 +37,6 @@ __all__ = ["answer_by_human", "is_human", "owner_of"]
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 _SSE_HEADERS: Headers = [
@@ -114,28 +109,6 @@ def _new_escalation(
     )
 
 
-class _Watcher:
-    """Cancel the current task when the client disconnects."""
-
-    def __init__(self, receive: Receive) -> None:
-        self.fired = False
-        task = asyncio.current_task()
-        assert task is not None
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    self.fired = True
-                    task.cancel()
-                    return
-
-        self._task = asyncio.get_running_loop().create_task(watch())
-
-    def stop(self) -> None:
-        self._task.cancel()
-
-
 async def answer_by_human(
     state: GatewayState,
     scope: Scope,
@@ -154,7 +127,9 @@ async def answer_by_human(
     new = _new_escalation(
         endpoint, parsed, decision, outcome, human.mode, owner_of(scope, state.keys.enabled)
     )
-    watcher = _Watcher(receive)
+    task = asyncio.current_task()
+    assert task is not None
+    watcher = DisconnectWatcher(receive, task)
     try:
         try:
             if service is None:

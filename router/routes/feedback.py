@@ -17,16 +17,9 @@ from typing import Any
 
 import anyio.to_thread
 
+from router.asgi import Receive, Scope, Send, send_json
 from router.errors import BadRequest, HTTPError, NotFound, Unauthorized, Unprocessable
-from router.routes.openai import (
-    Receive,
-    Scope,
-    Send,
-    _Disconnected,
-    read_body,
-    send_error,
-    send_json,
-)
+from router.routes.openai import _Disconnected, read_body, send_error
 from router.state import GatewayState
 
 __all__ = ["FeedbackEndpoint", "parse_feedback"]

@@ -15,12 +15,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from policies.engine import Decision, RequestContext
-from router.asgi import send_json
+from router.asgi import DisconnectWatcher, Receive, Scope, Send, send_json
 from router.backends.base import Endpoint
 from router.dispatch import Dispatched, dispatch
 from router.errors import (
@@ -42,10 +41,6 @@ __all__ = ["CompletionsEndpoint", "RouteEndpoint", "read_body", "send_error", "s
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -189,32 +184,6 @@ async def _authorize_and_parse(
     return parse_request(endpoint, raw)
 
 
-class _DisconnectWatcher:
-    """Cancel ``task`` when the client disconnects (``receive`` yields ``http.disconnect``).
-
-    Stopped (synchronously) as soon as the answer is sent: uvicorn's ``receive`` also reports a
-    disconnect once the response is complete, which must not cancel anything.
-    """
-
-    __slots__ = ("_watch", "fired")
-
-    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
-        self.fired = False
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    self.fired = True
-                    task.cancel()
-                    return
-
-        self._watch = asyncio.get_running_loop().create_task(watch())
-
-    def stop(self) -> None:
-        self._watch.cancel()
-
-
 class CompletionsEndpoint:
     """``/v1/chat/completions`` or ``/v1/completions``."""
 
@@ -277,7 +246,7 @@ class CompletionsEndpoint:
         # task group per request cost ~0.15 ms of CPU (bench/proxy_overhead.py).
         task = asyncio.current_task()
         assert task is not None
-        watcher = _DisconnectWatcher(receive, task)
+        watcher = DisconnectWatcher(receive, task)
         body = routed.parsed.body
         if routed.parsed.stream and state.events is not None:
             trace.tap = UsageTap(strip=False)

@@ -114,24 +114,34 @@ policies:
 
 
 @pytest.fixture
-def make_gateway(
-    tiny_model_dir: Path,
-    tiny_probe: SparsityProbe,
-    tiny_calibration: Path,
-    upstreams: dict[str, tuple[FakeUpstream, ServerThread]],
-    tmp_path: Path,
-) -> Iterator[Callable[..., ServerThread]]:
+def serve_yaml(
+    tiny_probe: SparsityProbe, tmp_path: Path
+) -> Iterator[Callable[[str], ServerThread]]:
+    """Start a gateway (sharing the tiny probe) from YAML text on a loopback port; every
+    gateway started is stopped after the test."""
     running: list[ServerThread] = []
 
-    def make(**kwargs: Any) -> ServerThread:
-        text = gateway_yaml(tiny_model_dir, tiny_calibration, upstreams, **kwargs)
+    def start(text: str) -> ServerThread:
         settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
         server = ServerThread(create_app(settings, probe=tiny_probe)).start()
         running.append(server)
         return server
 
     try:
-        yield make
+        yield start
     finally:
         for server in running:
             server.stop()
+
+
+@pytest.fixture
+def make_gateway(
+    tiny_model_dir: Path,
+    tiny_calibration: Path,
+    upstreams: dict[str, tuple[FakeUpstream, ServerThread]],
+    serve_yaml: Callable[[str], ServerThread],
+) -> Callable[..., ServerThread]:
+    def make(**kwargs: Any) -> ServerThread:
+        return serve_yaml(gateway_yaml(tiny_model_dir, tiny_calibration, upstreams, **kwargs))
+
+    return make

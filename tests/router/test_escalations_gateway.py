@@ -18,9 +18,6 @@ import httpx
 import openai
 import pytest
 
-from policies.loader import parse_settings
-from probes.probe import SparsityProbe
-from router.app import create_app
 from router.escalations.webhook import signature
 from tests.redis_server import RedisServer
 from tests.router.escalation_helpers import (
@@ -31,7 +28,7 @@ from tests.router.escalation_helpers import (
     escalation_yaml,
     wait_for_open,
 )
-from tests.servers import FakeUpstream, ServerThread, serve_lifespan
+from tests.servers import FakeUpstream, ServerThread, receive_body, serve_lifespan
 
 MakeGateway = Callable[..., ServerThread]
 
@@ -48,25 +45,16 @@ def small() -> Iterator[ServerThread]:
 @pytest.fixture
 def make_esc_gateway(
     tiny_model_dir: Path,
-    tiny_probe: SparsityProbe,
     tiny_calibration: Path,
     small: ServerThread,
-    tmp_path: Path,
-) -> Iterator[MakeGateway]:
-    running: list[ServerThread] = []
-
+    serve_yaml: Callable[[str], ServerThread],
+) -> MakeGateway:
     def make(**kw: Any) -> ServerThread:
-        text = escalation_yaml(tiny_model_dir, tiny_calibration, small.url + "/v1", **kw)
-        settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
-        server = ServerThread(create_app(settings, probe=tiny_probe)).start()
-        running.append(server)
-        return server
+        return serve_yaml(
+            escalation_yaml(tiny_model_dir, tiny_calibration, small.url + "/v1", **kw)
+        )
 
-    try:
-        yield make
-    finally:
-        for server in running:
-            server.stop()
+    return make
 
 
 def sdk(gw: ServerThread, key: str = CLIENT_A, timeout: float = 30) -> openai.OpenAI:
@@ -330,12 +318,7 @@ class Hook:
         if scope["type"] == "lifespan":
             await serve_lifespan(receive, send)
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await receive_body(receive)
         self.calls.append(json.loads(raw))
         self.bodies.append(raw)
         self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})

@@ -8,7 +8,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,6 @@ import openai
 import pytest
 
 from policies.experiments import assign
-from policies.loader import parse_settings
-from probes.probe import SparsityProbe
-from router.app import create_app
 from router.cli import main
 from tests.router.conftest import REFERENCE
 from tests.servers import FakeUpstream, ServerThread
@@ -73,26 +70,17 @@ events: {events}
 @pytest.fixture
 def start(
     tiny_model_dir: Path,
-    tiny_probe: SparsityProbe,
     tiny_calibration: Path,
     upstreams: Upstreams,
+    serve_yaml: Callable[[str], ServerThread],
     tmp_path: Path,
-) -> Iterator[Start]:
-    running: list[ServerThread] = []
-
+) -> Start:
     def make(**kwargs: Any) -> ServerThread:
         text = config(tiny_model_dir, tiny_calibration, upstreams, **kwargs)
         (tmp_path / "gateway.yaml").write_text(text)
-        settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
-        server = ServerThread(create_app(settings, probe=tiny_probe)).start()
-        running.append(server)
-        return server
+        return serve_yaml(text)
 
-    try:
-        yield make
-    finally:
-        for server in running:
-            server.stop()
+    return make
 
 
 def client(gw: ServerThread) -> openai.OpenAI:
