@@ -89,24 +89,9 @@ class StateRecorder:
 def probe_everything(probe: Any, prompts: list[str], folder: Path) -> tuple[Any, FloatArray]:
     """The eval feature table and the state rows of ``prompts`` (both cached on disk)."""
     from probes.features import default_cache_dir, extract
-    from probes.metrics import METRIC_NAMES
-    from probes.probe import SparsityProbe
+    from router.eval_cli import all_layer_probe
 
-    s = probe.settings
-    settings = type(s)(
-        model=s.model,
-        device=s.device,
-        dtype=s.dtype,
-        max_tokens=s.max_tokens,
-        batch_size=s.batch_size,
-        chat_template=s.chat_template,
-        system_prompt=s.system_prompt,
-        threads=s.threads,
-        metrics=METRIC_NAMES,
-        layers=tuple(range(1, probe.n_layers + 1)),
-        token_mean=True,
-    )
-    full = SparsityProbe(settings, loaded=probe.loaded)
+    full = all_layer_probe(probe)
     keys = [_key(full.encode(p, i)[0]) for i, p in enumerate(prompts)]
     folder.mkdir(parents=True, exist_ok=True)
     store = folder / "states.npz"

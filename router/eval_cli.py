@@ -119,11 +119,8 @@ def read_labels(args: argparse.Namespace) -> OutcomeSet:
     )
 
 
-def feature_table(
-    probe: SparsityProbe, prompts: Sequence[str], cache: Path | None, *, progress: bool = True
-) -> FeatureTable:
-    """Features of every layer (both positions, perplexity) for ``prompts``, via the cache."""
-    from probes.features import extract
+def all_layer_probe(probe: SparsityProbe) -> SparsityProbe:
+    """``probe`` measuring every layer, every metric and token means (same loaded model)."""
     from probes.metrics import METRIC_NAMES
     from probes.probe import SparsityProbe
 
@@ -141,8 +138,19 @@ def feature_table(
         layers=tuple(range(1, probe.n_layers + 1)),
         token_mean=True,
     )
-    full = SparsityProbe(settings, loaded=probe.loaded)
-    return extract(full, prompts, cache_dir=cache, progress=progress, batch_size=s.batch_size)
+    return SparsityProbe(settings, loaded=probe.loaded)
+
+
+def feature_table(
+    probe: SparsityProbe, prompts: Sequence[str], cache: Path | None, *, progress: bool = True
+) -> FeatureTable:
+    """Features of every layer (both positions, perplexity) for ``prompts``, via the cache."""
+    from probes.features import extract
+
+    full = all_layer_probe(probe)
+    return extract(
+        full, prompts, cache_dir=cache, progress=progress, batch_size=probe.settings.batch_size
+    )
 
 
 def _configured_scores(
