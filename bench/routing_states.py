@@ -4,9 +4,10 @@ Run: ``.venv/bin/python bench/routing_states.py [--data DIR] [--mmlu-n 2000]``
 
 In the same forward pass that fills the ``sparsity-router eval`` feature cache (every layer, both
 positions, perplexity), this also keeps, per prompt, the probe's hidden vectors (token mean and
-last token) at a few layers and the statistics of its next-token distribution at the last prompt
-token (entropy, top-1 probability, the log-probabilities of the answer letters A-D). Those are
-cached beside the feature cache (``<cache>/states/``). Then it scores, with the same stratified
+last token) at a few layers (in that cache: ``extract(state_layers=...)``, what
+``sparsity-router calibrate --labels`` reads too) and the statistics of its next-token
+distribution at the last prompt token (entropy, top-1 probability, the log-probabilities of the
+answer letters A-D; cached in ``<cache>/states/``). Then it scores, with the same stratified
 5-fold CV as ``eval`` (L2 by inner CV on the training folds), routers on:
 
 - the shipped sparsity recipe (layers 20-30 x 5 metrics x both positions + log length);
@@ -51,13 +52,11 @@ def _key(ids: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()[:24]
 
 
-class StateRecorder:
-    """Wraps ``probe.hidden_states`` to keep pooled vectors and next-token stats per prompt."""
+class NextTokenRecorder:
+    """Wraps ``probe.hidden_states`` to keep next-token statistics per prompt."""
 
     def __init__(self, probe: Any) -> None:
         import torch
-
-        from probes.probe import _mean_weights
 
         self.rows: dict[str, NDArray[np.float32]] = {}
         tok = probe.loaded.tokenizer
@@ -67,18 +66,12 @@ class StateRecorder:
 
         def hidden_states(batch: Sequence[list[int]]) -> Any:
             states, mask = inner(batch)
-            w = _mean_weights(mask)
-            parts = []
-            for layer in STATE_LAYERS:
-                h = states[layer]
-                parts.append((h * w[..., None]).sum(1))
-                parts.append(h[:, -1, :])
             with torch.inference_mode():
                 logp = torch.log_softmax(lm_head(states[probe.n_layers][:, -1, :]).float(), -1)
             ent = -(logp.exp() * logp).sum(-1, keepdim=True)
             top = logp.max(-1, keepdim=True).values
             letters = logp[:, self.letter_ids]
-            vec = torch.cat([*parts, ent, top, letters], -1).float().cpu().numpy()
+            vec = torch.cat([ent, top, letters], -1).float().cpu().numpy()
             for ids, row in zip(batch, vec, strict=True):
                 self.rows[_key(ids)] = row
             return states, mask
@@ -87,28 +80,33 @@ class StateRecorder:
 
 
 def probe_everything(probe: Any, prompts: list[str], folder: Path) -> tuple[Any, FloatArray]:
-    """The eval feature table and the state rows of ``prompts`` (both cached on disk)."""
-    from probes.features import default_cache_dir, extract
+    """The eval feature table (with the hidden vectors at STATE_LAYERS, in the product's feature
+    cache) and the state rows of ``prompts``: per layer [mean | last], then next-token stats."""
+    from probes.features import default_cache_dir, extract, state_block
     from router.eval_cli import all_layer_probe
 
     full = all_layer_probe(probe)
     keys = [_key(full.encode(p, i)[0]) for i, p in enumerate(prompts)]
     folder.mkdir(parents=True, exist_ok=True)
-    store = folder / "states.npz"
+    store = folder / "next_token.npz"
     have: dict[str, NDArray[np.float32]] = {}
     if store.exists():
         with np.load(store) as z:
             have = dict(zip(z["keys"].tolist(), z["rows"], strict=True))
-    recorder = StateRecorder(full)
-    table = extract(full, prompts, cache_dir=default_cache_dir(), progress=True)
+    recorder = NextTokenRecorder(full)
+    table = extract(
+        full, prompts, cache_dir=default_cache_dir(), progress=True, state_layers=STATE_LAYERS
+    )
     have.update(recorder.rows)
     missing = [i for i, k in enumerate(keys) if k not in have]
-    if missing:  # features were cached, states not: a private cache forces the forward pass
+    if missing:  # features were cached, next-token stats not: a private cache forces the pass
         extract(full, [prompts[i] for i in missing], cache_dir=folder / "features", progress=True)
         have.update(recorder.rows)
     if recorder.rows:
         np.savez(store, keys=np.array(list(have)), rows=np.stack(list(have.values())))
-    return table, np.stack([have[k] for k in keys]).astype(np.float64)
+    blocks = [table.states[state_block(la, p)] for la in STATE_LAYERS for p in ("mean", "last")]
+    nxt = np.stack([have[k] for k in keys])
+    return table, np.column_stack([*blocks, nxt]).astype(np.float64)
 
 
 def load_sets(root: Path, mmlu_n: int) -> dict[str, OutcomeSet]:

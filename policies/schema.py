@@ -295,6 +295,14 @@ class ProbeSection(ProbeSettings):
             )
         elif 0 in layers:
             problems.append((("layers",), "backend: vllm cannot read layer 0 (the embeddings)"))
+        if self.state_layers:
+            problems.append(
+                (
+                    ("state_layers",),
+                    "backend: vllm returns one rescaled vector, not the hidden vectors a "
+                    "supervised model on the probe's states reads: use backend: local",
+                )
+            )
         if self.token_mean or self.score_position == "mean":
             where = "token_mean" if self.token_mean else "score_position"
             problems.append(

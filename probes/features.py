@@ -13,6 +13,12 @@ probes what is new. Chunks are written as they finish, so an interrupted run res
 Feature names look like ``L10.top10_energy.last`` or ``L28.top1_energy.mean``;
 :func:`feature_value` reads one from a :class:`~probes.probe.ProbeResult`, which is how a fitted
 model is applied to a live request.
+
+With ``state_layers``, the table also holds the probe's pooled hidden vectors at those layers
+(last token and token mean, the probe's own representation of the prompt); one coordinate is the
+feature ``L30.state.last.17`` (:func:`state_feature`), a whole block ``L30.state.last``
+(:func:`expand_features` spells it out for a model of known width). They are cached beside the
+metrics, per layer, so a run asking for new layers probes only what is missing.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -36,10 +42,15 @@ __all__ = [
     "FEATURES_FORMAT",
     "FeatureTable",
     "default_cache_dir",
+    "expand_features",
     "extract",
     "feature_name",
     "feature_value",
+    "is_state_feature",
     "parse_feature",
+    "parse_state_feature",
+    "state_block",
+    "state_feature",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +89,51 @@ def parse_feature(name: str) -> tuple[int, str, str]:
     return layer, parts[1], parts[2]
 
 
+#: The "metric" part of a hidden-vector coordinate's name: ``L30.state.last.17``.
+STATE: Final = "state"
+
+
+def state_block(layer: int, position: str) -> str:
+    """The key of one pooled vector in ``ProbeResult.states`` and ``FeatureTable.states``."""
+    return f"L{layer}.{position}"
+
+
+def state_feature(layer: int, position: str, index: int) -> str:
+    return f"L{layer}.{STATE}.{position}.{index}"
+
+
+def is_state_feature(name: str) -> bool:
+    """Whether ``name`` names a hidden-vector coordinate (``L30.state.last.17``)."""
+    parts = name.split(".")
+    return len(parts) == 4 and parts[1] == STATE
+
+
+def parse_state_feature(name: str) -> tuple[int, str, int]:
+    """``"L30.state.mean.17"`` -> ``(30, "mean", 17)``; ValueError otherwise."""
+    parts = name.split(".")
+    ok = len(parts) == 4 and parts[0].startswith("L") and parts[1] == STATE
+    if ok and parts[2] in POSITIONS and parts[0][1:].isdigit() and parts[3].isdigit():
+        return int(parts[0][1:]), parts[2], int(parts[3])
+    raise ValueError(
+        f"feature {name!r} must look like 'L<layer>.state.<last|mean>.<index>', "
+        "e.g. 'L30.state.last.17'"
+    )
+
+
+def expand_features(names: Sequence[str], hidden_size: int) -> tuple[str, ...]:
+    """``names`` with every block ``L<layer>.state.<position>`` spelled out coordinate by
+    coordinate (``hidden_size`` of them); other names unchanged."""
+    out: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 3 and parts[1] == STATE:
+            layer, _, position = parse_feature(name)
+            out.extend(state_feature(layer, position, i) for i in range(hidden_size))
+        else:
+            out.append(name)
+    return tuple(out)
+
+
 def feature_value(result: ProbeResult, layer: int, metric: str, position: str) -> float:
     """The oriented sparsity of one feature in a probe result (KeyError when not measured)."""
     from probes.metrics import sparsity
@@ -97,9 +153,22 @@ class FeatureTable:
     n_tokens: FloatArray  # (n,)
     truncated: NDArray[np.bool_]  # (n,)
     nll: FloatArray  # (n,) mean NLL of the prompt under the probe's LM head (nan: not computed)
+    states: dict[str, NDArray[np.float32]] = field(default_factory=dict)  # "L30.last" -> (n, d)
 
     def column(self, name: str) -> FloatArray:
+        if is_state_feature(name):
+            layer, position, index = parse_state_feature(name)
+            block = self.states.get(state_block(layer, position))
+            if block is None:
+                raise KeyError(f"{name}: layer {layer}'s hidden vectors were not extracted")
+            return block[:, index].astype(np.float64)
         return self.values[:, self.names.index(name)]
+
+    def matrix(self, names: Sequence[str]) -> FloatArray:
+        """The columns ``names`` side by side (KeyError/ValueError for one not in the table)."""
+        if not names:
+            return np.zeros((len(self), 0))
+        return np.column_stack([self.column(n) for n in names])
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -122,16 +191,22 @@ def extract(
     batch_size: int = 16,
     progress: bool = False,
     on_chunk: Callable[[int, int], None] | None = None,
+    state_layers: Sequence[int] = (),
 ) -> FeatureTable:
     """Features of every input at every layer the probe reports, both positions.
 
     The probe must have ``token_mean`` enabled. With ``perplexity`` the forward pass runs to the
-    last layer and through the LM head (the probe's layers are unaffected). ``on_chunk(done,
-    total)`` is called after each cached chunk.
+    last layer and through the LM head (the probe's layers are unaffected). ``state_layers``
+    (each one of the probe's layers) also keeps the pooled hidden vectors there
+    (``FeatureTable.states``). ``on_chunk(done, total)`` is called after each cached chunk.
     """
     if not probe.token_mean:
         raise ValueError("feature extraction needs a probe with token_mean enabled")
     layers = tuple(sorted(probe.layers))
+    outside = sorted(set(state_layers) - set(layers))
+    if outside:
+        raise ValueError(f"state_layers {outside} are not among the probe's layers {layers}")
+    blocks = tuple(state_block(la, p) for la in sorted(set(state_layers)) for p in POSITIONS)
     metrics = tuple(probe.settings.metrics)
     names = _names(layers, metrics)
     fingerprint = {
@@ -148,8 +223,12 @@ def extract(
     (folder / "fingerprint.json").write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
 
     keys = [_digest(probe.render(x, i))[:24] for i, x in enumerate(inputs)]
-    cached = _load_cache(folder)
-    todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in cached}.values())
+    cached, vectors = _load_cache(folder, blocks)
+
+    def missing(k: str) -> bool:
+        return k not in cached or any(b not in vectors.get(k, {}) for b in blocks)
+
+    todo = list({k: i for i, k in reversed(list(enumerate(keys))) if missing(k)}.values())
     todo.sort()
     if todo:
         logger.info("probing %d of %d prompts (cache: %s)", len(todo), len(keys), folder)
@@ -161,13 +240,21 @@ def extract(
     try:
         for start in range(0, len(todo), CHUNK):
             idx = todo[start : start + CHUNK]
-            rows = _compute(
-                probe, [inputs[i] for i in idx], layers, metrics, perplexity, batch_size, bar
+            rows, states = _compute(
+                probe,
+                [inputs[i] for i in idx],
+                layers,
+                metrics,
+                perplexity,
+                batch_size,
+                bar,
+                blocks,
             )
             chunk_keys = [keys[i] for i in idx]
-            _save_chunk(folder, chunk_keys, rows)
-            for k, row in zip(chunk_keys, zip(*rows, strict=True), strict=True):
+            _save_chunk(folder, chunk_keys, rows, states)
+            for j, (k, row) in enumerate(zip(chunk_keys, zip(*rows, strict=True), strict=True)):
                 cached[k] = row
+                vectors.setdefault(k, {}).update({b: v[j] for b, v in states.items()})
             if on_chunk is not None:
                 on_chunk(min(start + CHUNK, len(todo)), len(todo))
     finally:
@@ -180,30 +267,56 @@ def extract(
         n_tokens=np.array([cached[k][1] for k in keys], dtype=np.float64),
         truncated=np.array([cached[k][2] for k in keys], dtype=bool),
         nll=np.array([cached[k][3] for k in keys], dtype=np.float64),
+        states={b: np.stack([vectors[k][b] for k in keys]) for b in blocks},
     )
 
 
 _Rows = tuple[NDArray[np.float32], NDArray[np.int32], NDArray[np.bool_], NDArray[np.float32]]
+_Vectors = dict[str, dict[str, NDArray[np.float32]]]  # prompt key -> block -> (d,)
 
 
-def _load_cache(folder: Path) -> dict[str, tuple[Any, Any, Any, Any]]:
+def _state_array(block: str) -> str:
+    """The array name of a block in a chunk file: ``L30.last`` -> ``state_L30_last``."""
+    return "state_" + block.replace(".", "_")
+
+
+def _load_cache(
+    folder: Path, blocks: Sequence[str] = ()
+) -> tuple[dict[str, tuple[Any, Any, Any, Any]], _Vectors]:
+    """Cached rows by prompt key and, for ``blocks``, the hidden vectors any chunk holds."""
     out: dict[str, tuple[Any, Any, Any, Any]] = {}
+    vectors: _Vectors = {}
     for path in sorted(folder.glob("chunk-*.npz")):
         try:
             with np.load(path) as z:
-                for j, k in enumerate(z["keys"].tolist()):
-                    out[str(k)] = (z["values"][j], z["n_tokens"][j], z["truncated"][j], z["nll"][j])
+                keys = [str(k) for k in z["keys"].tolist()]
+                for j, k in enumerate(keys):
+                    out[k] = (z["values"][j], z["n_tokens"][j], z["truncated"][j], z["nll"][j])
+                for b in blocks:
+                    if _state_array(b) in z.files:
+                        arr = z[_state_array(b)]
+                        for j, k in enumerate(keys):
+                            vectors.setdefault(k, {})[b] = arr[j]
         except (OSError, ValueError, KeyError) as err:  # a damaged chunk is recomputed
             logger.warning("ignoring unreadable feature cache file %s: %s", path, err)
-    return out
+    return out, vectors
 
 
-def _save_chunk(folder: Path, keys: list[str], rows: _Rows) -> None:
-    name = f"chunk-{_digest(''.join(keys))[:16]}.npz"
+def _save_chunk(
+    folder: Path, keys: list[str], rows: _Rows, states: dict[str, NDArray[np.float32]]
+) -> None:
+    name = f"chunk-{_digest(''.join(keys) + ','.join(states))[:16]}.npz"
     tmp = folder / f".{name}.tmp{os.getpid()}.npz"
     values, n_tokens, truncated, nll = rows
+    extra = {_state_array(b): v for b, v in states.items()}
     np.savez_compressed(
-        tmp, keys=np.array(keys), values=values, n_tokens=n_tokens, truncated=truncated, nll=nll
+        tmp,
+        keys=np.array(keys),
+        values=values,
+        n_tokens=n_tokens,
+        truncated=truncated,
+        nll=nll,
+        **extra,  # type: ignore[arg-type]
     )
     os.replace(tmp, folder / name)
 
@@ -216,25 +329,32 @@ def _compute(
     perplexity: bool,
     batch_size: int,
     bar: Any,
-) -> _Rows:
+    blocks: Sequence[str] = (),
+) -> tuple[_Rows, dict[str, NDArray[np.float32]]]:
     import torch
 
     from probes.metrics import METRICS, compute_all
-    from probes.probe import _mean_weights
+    from probes.probe import _mean_weights, pooled_states
 
     encoded = [probe.encode(x, i) for i, x in enumerate(items)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     k = len(layers) * len(metrics)
     values = np.zeros((len(items), 2 * k), dtype=np.float32)
     nll = np.full(len(items), np.nan, dtype=np.float32)
+    states_out: dict[str, NDArray[np.float32]] = {}
     head_skip, tail_skip = _template_edges(probe) if perplexity else (0, 0)
     lm_head = probe.loaded.model.get_output_embeddings() if perplexity else None
     final = probe.n_layers
+    state_layers = sorted({int(b.split(".")[0][1:]) for b in blocks})
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = [encoded[i][0] for i in rows]
         states, mask = probe.hidden_states(batch)
         weights = _mean_weights(mask)
+        for block, vecs in pooled_states(states, weights, state_layers).items():
+            if block not in states_out:
+                states_out[block] = np.zeros((len(items), vecs.shape[1]), dtype=np.float32)
+            states_out[block][rows] = vecs.cpu().numpy()
         for li, layer in enumerate(layers):
             h = states[layer]
             last = compute_all(h[:, -1, :], metrics)
@@ -261,7 +381,7 @@ def _compute(
             bar.update(len(rows))
     n_tokens = np.array([len(e[0]) for e in encoded], dtype=np.int32)
     truncated_arr = np.array([e[1] for e in encoded], dtype=bool)
-    return values, n_tokens, truncated_arr, nll
+    return (values, n_tokens, truncated_arr, nll), states_out
 
 
 def _template_edges(probe: SparsityProbe) -> tuple[int, int]:

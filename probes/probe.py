@@ -14,6 +14,7 @@ final norm. Negative indices count from the end.
 
 from __future__ import annotations
 
+import base64
 import copy
 import inspect
 import logging
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
@@ -72,6 +74,11 @@ class ProbeSettings(BaseModel):
     score_layer: int | None = Field(None, description="None: the last entry of layers")
     score_position: Position = "last"
     token_mean: bool = Field(False, description="also report metrics averaged over tokens")
+    state_layers: tuple[int, ...] = Field(
+        (),
+        description="layers whose hidden vectors (last token and token mean) results carry, "
+        "for a supervised model on the probe's own representation (negative from the end)",
+    )
     max_tokens: int = Field(512, ge=2, le=131072)
     batch_size: int = Field(16, ge=1, le=1024)
     chat_template: bool = True
@@ -132,6 +139,8 @@ class ProbeResult:
     truncated: bool = False
     percentile: float | None = None
     p_large: float | None = None  # P(large model does better), from a supervised calibration
+    # settings.state_layers: "L30.last" / "L30.mean" -> the pooled hidden vector (float32 values)
+    states: Mapping[str, tuple[float, ...]] | None = None
 
     def value(self, layer: int, name: str, position: Position = "last") -> float:
         table = self.metrics if position == "last" else self.metrics_mean
@@ -150,6 +159,8 @@ class ProbeResult:
         }
         if self.metrics_mean is not None:
             out["metrics_mean"] = _layers_to_json(self.metrics_mean)
+        if self.states:
+            out["states"] = {k: _vector_to_text(v) for k, v in self.states.items()}
         return out
 
     @classmethod
@@ -157,6 +168,7 @@ class ProbeResult:
         mean = data.get("metrics_mean")
         pct = data.get("percentile")
         p_large = data.get("p_large")
+        states = data.get("states")
         return cls(
             n_tokens=int(data["n_tokens"]),
             score=float(data["score"]),
@@ -165,11 +177,37 @@ class ProbeResult:
             truncated=bool(data.get("truncated", False)),
             percentile=None if pct is None else float(pct),
             p_large=None if p_large is None else float(p_large),
+            states={str(k): _vector_from_text(v) for k, v in states.items()} if states else None,
         )
 
 
 def _layers_to_json(table: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
     return {f"L{layer}": dict(values) for layer, values in table.items()}
+
+
+def _vector_to_text(vector: Sequence[float]) -> str:
+    """A vector as base64 of little-endian float32 (exact: the values are float32 already)."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _vector_from_text(text: str) -> tuple[float, ...]:
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if len(raw) % 4:
+        raise ValueError("a stored hidden vector must be a whole number of float32 values")
+    return tuple(np.frombuffer(raw, dtype="<f4").astype(np.float64).tolist())
+
+
+def pooled_states(
+    states: Mapping[int, torch.Tensor], weights: torch.Tensor, layers: Iterable[int]
+) -> dict[str, torch.Tensor]:
+    """``{"L<layer>.last": (B, d), "L<layer>.mean": (B, d)}``: each layer's hidden vector at the
+    last prompt token and averaged over tokens with ``weights`` (``_mean_weights``), float32."""
+    out: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        h = states[layer].float()
+        out[f"L{layer}.last"] = h[:, -1, :]
+        out[f"L{layer}.mean"] = (h * weights[..., None]).sum(1)
+    return out
 
 
 def _layers_from_json(table: Mapping[str, Mapping[str, Any]]) -> dict[int, dict[str, float]]:
@@ -262,6 +300,10 @@ class SparsityProbe:
             )
         )
         self.score_layer = self._resolve_layer(self._score_layer_spec)
+        self.state_layers: tuple[int, ...] = tuple(
+            dict.fromkeys(self._resolve_layer(x) for x in self.settings.state_layers)
+        )
+        self._hooked = tuple(dict.fromkeys((*self.layers, *self.state_layers)))
         self.token_mean = self.settings.token_mean or self.settings.score_position == "mean"
         self._base, self._decoder_layers, self._norm = _decoder_parts(self.loaded.model)
         self._lock = threading.Lock()
@@ -286,7 +328,7 @@ class SparsityProbe:
 
     @property
     def deepest_layer(self) -> int:
-        return max(self.layers)
+        return max(self._hooked)
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the score's numbers; calibrations must match it."""
@@ -396,7 +438,7 @@ class SparsityProbe:
             return hook
 
         try:
-            for layer in self.layers:
+            for layer in self._hooked:
                 stop = layer == deepest and layer < self.n_layers
                 if layer == 0:
                     module = self._base.get_input_embeddings()
@@ -492,10 +534,17 @@ class SparsityProbe:
         names = self.settings.metrics
         last: dict[int, dict[str, list[float]]] = {}
         mean: dict[int, dict[str, list[float]]] = {}
-        weights = _mean_weights(mask) if self.token_mean else None
-        for layer, h in states.items():
+        weights = _mean_weights(mask) if self.token_mean or self.state_layers else None
+        vectors: dict[str, list[tuple[float, ...]]] = {}
+        if self.state_layers:
+            assert weights is not None
+            for block, v in pooled_states(states, weights, self.state_layers).items():
+                vectors[block] = [tuple(row) for row in v.tolist()]
+        for layer in self.layers:
+            h = states[layer]
             last[layer] = {k: v.tolist() for k, v in compute_all(h[:, -1, :], names).items()}
-            if weights is not None:
+            if self.token_mean:
+                assert weights is not None
                 per_token = compute_all(h, names)
                 mean[layer] = {k: (v * weights).sum(-1).tolist() for k, v in per_token.items()}
         s = self.settings
@@ -504,7 +553,7 @@ class SparsityProbe:
             row_last = {layer: {k: vals[row] for k, vals in m.items()} for layer, m in last.items()}
             row_mean = (
                 {layer: {k: vals[row] for k, vals in m.items()} for layer, m in mean.items()}
-                if weights is not None
+                if self.token_mean
                 else None
             )
             table = row_last if s.score_position == "last" else row_mean
@@ -517,6 +566,7 @@ class SparsityProbe:
                     metrics=row_last,
                     metrics_mean=row_mean,
                     truncated=enc.truncated,
+                    states={b: v[row] for b, v in vectors.items()} if vectors else None,
                 )
             )
         return out

@@ -7,9 +7,15 @@ labelled with both models' outcomes. The target is "the large model does better"
 model was right and the small one wrong (not "the small model fails", which also counts prompts
 neither model gets right).
 
+Its features may also be coordinates of the probe's pooled hidden vectors
+(``L30.state.last.17``, see :mod:`probes.features`): the probe's own representation of the
+prompt, which routes better than its sparsity alone (bench/results/routing_eval.md). A probe that
+feeds such a model keeps those vectors (``probe.state_layers``).
+
 It is stored as plain JSON (feature names, means, scales, coefficients; no pickle) inside the
 calibration file and carries the probe fingerprint it was fitted with. Applying it to a live
-:class:`~probes.probe.ProbeResult` is a dot product over a few dozen numbers (microseconds).
+:class:`~probes.probe.ProbeResult` is a dot product (a few dozen numbers for the sparsity
+features, microseconds; a ~1,200-long numpy dot product with the hidden vectors, ~20 µs).
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from probes.features import feature_value, parse_feature
+from probes.features import (
+    feature_value,
+    is_state_feature,
+    parse_feature,
+    parse_state_feature,
+    state_block,
+)
 
 if TYPE_CHECKING:
     from probes.probe import ProbeResult
@@ -98,22 +110,37 @@ class SupervisedModel(BaseModel):
 
     # (layer or -1 for length, metric, token mean?, flip to "higher = sparser"?, mean, coef/scale)
     _plan: list[tuple[int, str, bool, bool, float, float]] = PrivateAttr(default_factory=list)
+    # hidden-vector features: block ("L30.last") -> (coordinates, their means, coef/scale)
+    _blocks: dict[str, tuple[NDArray[np.intp], FloatArray, FloatArray]] = PrivateAttr(
+        default_factory=dict
+    )
 
     def model_post_init(self, context: Any, /) -> None:
         from probes.metrics import METRICS
 
         plan = []
+        blocks: dict[str, tuple[list[int], list[float], list[float]]] = {}
         k = len(self.features)
         if not len(self.mean) == len(self.scale) == len(self.coef) == k or min(self.scale) <= 0:
             return  # refused with a clear message by _check
         for name, m, s, c in zip(self.features, self.mean, self.scale, self.coef, strict=True):
             if name == LENGTH_FEATURE:
                 plan.append((-1, "", False, False, m, c / s))
+            elif is_state_feature(name):
+                layer, pos, index = parse_state_feature(name)
+                idx, mu, w = blocks.setdefault(state_block(layer, pos), ([], [], []))
+                idx.append(index)
+                mu.append(m)
+                w.append(c / s)
             else:
                 layer, metric, pos = parse_feature(name)
                 flip = metric in METRICS and not METRICS[metric].higher_is_sparser
                 plan.append((layer, metric, pos == "mean", flip, m, c / s))
         self._plan = plan
+        self._blocks = {
+            b: (np.asarray(i, dtype=np.intp), np.asarray(mu), np.asarray(w))
+            for b, (i, mu, w) in blocks.items()
+        }
 
     @model_validator(mode="after")
     def _check(self) -> SupervisedModel:
@@ -124,7 +151,9 @@ class SupervisedModel(BaseModel):
         if any(not s > 0 for s in self.scale):
             raise ValueError("every scale must be > 0")
         for f in self.features:
-            if f != LENGTH_FEATURE:
+            if is_state_feature(f):
+                parse_state_feature(f)
+            elif f != LENGTH_FEATURE:
                 parse_feature(f)
         return self
 
@@ -166,6 +195,9 @@ class SupervisedModel(BaseModel):
         for name in self.features:
             if name == LENGTH_FEATURE:
                 out.append(math.log(max(1, result.n_tokens)))
+            elif is_state_feature(name):
+                layer, pos, index = parse_state_feature(name)
+                out.append(float(_state(result, state_block(layer, pos))[index]))
             else:
                 out.append(feature_value(result, *parse_feature(name)))
         return out
@@ -184,15 +216,42 @@ class SupervisedModel(BaseModel):
                 v = table[layer][metric]
                 x = 1.0 - v if flip else v
             z += w * (x - mu)
+        for block, (idx, mu_b, w_b) in self._blocks.items():
+            vec = np.asarray(_state(result, block), dtype=np.float64)
+            if idx.size and int(idx.max()) >= vec.size:
+                raise KeyError(
+                    f"{block}: the model reads coordinate {int(idx.max())}, the probe "
+                    f"reports {vec.size}"
+                )
+            z += float(w_b @ (vec[idx] - mu_b))
         return 1.0 / (1.0 + math.exp(-max(-35.0, min(35.0, z))))
 
+    def _metric_features(self) -> list[tuple[int, str, str]]:
+        return [
+            parse_feature(f)
+            for f in self.features
+            if f != LENGTH_FEATURE and not is_state_feature(f)
+        ]
+
     def probe_needs(self) -> tuple[tuple[int, ...], bool]:
-        """(layers the probe must report, whether it needs token-mean metrics)."""
-        parsed = [parse_feature(f) for f in self.features if f != LENGTH_FEATURE]
+        """(layers whose metrics the probe must report, whether it needs token-mean metrics)."""
+        parsed = self._metric_features()
         layers = tuple(sorted({p[0] for p in parsed}))
         return layers, any(p[2] == "mean" for p in parsed)
 
-    def check_probe(self, layers: Sequence[int], token_mean: bool, metrics: Sequence[str]) -> None:
+    def state_layers(self) -> tuple[int, ...]:
+        """Layers whose hidden vectors the probe must keep (``probe.state_layers``)."""
+        return tuple(
+            sorted({parse_state_feature(f)[0] for f in self.features if is_state_feature(f)})
+        )
+
+    def check_probe(
+        self,
+        layers: Sequence[int],
+        token_mean: bool,
+        metrics: Sequence[str],
+        state_layers: Sequence[int] = (),
+    ) -> None:
         """ValueError naming what a probe configuration lacks to feed this model."""
         need_layers, need_mean = self.probe_needs()
         missing = sorted(set(need_layers) - set(layers))
@@ -201,19 +260,37 @@ class SupervisedModel(BaseModel):
             problems.append(f"layers {missing} (set probe.layers to include them)")
         if need_mean and not token_mean:
             problems.append("token-mean metrics (set probe.token_mean: true)")
-        need_metrics = {parse_feature(f)[1] for f in self.features if f != LENGTH_FEATURE}
+        need_metrics = {p[1] for p in self._metric_features()}
         if need_metrics - set(metrics):
             problems.append(f"metrics {sorted(need_metrics - set(metrics))} (add to probe.metrics)")
+        missing_states = sorted(set(self.state_layers()) - set(state_layers))
+        if missing_states:
+            problems.append(
+                f"the hidden vectors of layers {missing_states} "
+                "(set probe.state_layers to include them; the local probe only)"
+            )
         if problems:
             raise ValueError("the supervised model needs " + "; ".join(problems))
 
 
+def _state(result: ProbeResult, block: str) -> tuple[float, ...]:
+    if result.states is None or block not in result.states:
+        raise KeyError(f"the probe result carries no {block} hidden vector (probe.state_layers)")
+    return result.states[block]
+
+
 def required_probe(models: Sequence[SupervisedModel]) -> dict[str, Any]:
-    """Probe settings (layers, token_mean) that cover every model's features."""
+    """Probe settings (layers, token_mean, state_layers) that cover every model's features."""
     layers: set[int] = set()
+    states: set[int] = set()
     mean = False
     for m in models:
         ls, needs_mean = m.probe_needs()
         layers |= set(ls)
+        states |= set(m.state_layers())
         mean = mean or needs_mean
-    return {"layers": tuple(sorted(layers)), "token_mean": mean}
+    return {
+        "layers": tuple(sorted(layers)),
+        "token_mean": mean,
+        "state_layers": tuple(sorted(states)),
+    }

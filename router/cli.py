@@ -37,6 +37,7 @@ from probes.errors import CalibrationError, ProbeInputError, RouterError
 if TYPE_CHECKING:
     from probes.calibration import Calibration
     from probes.probe import ProbeInput, ProbeResult, SparsityProbe
+    from probes.supervised import SupervisedModel
 
 __all__ = [
     "COMMANDS",
@@ -138,6 +139,14 @@ def _add_probe_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="also report every metric averaged over tokens",
+    )
+    group.add_argument(
+        "--state-layers",
+        type=_layer_list,
+        metavar="LIST",
+        help="also keep the hidden vectors (last token, token mean) of these layers, for a "
+        "supervised model on the probe's states (default: none; with --calibration, what its "
+        "supervised model reads)",
     )
     group.add_argument(
         "--max-tokens", type=int, metavar="N", help="keep the last N tokens (default 512)"
@@ -344,6 +353,7 @@ def _build_probe(args: argparse.Namespace) -> SparsityProbe:
         "score_layer": args.layer,
         "score_position": args.position,
         "token_mean": args.token_mean,
+        "state_layers": getattr(args, "state_layers", None),
         "max_tokens": args.max_tokens,
         "batch_size": args.batch_size,
         "chat_template": args.chat_template,
@@ -360,6 +370,28 @@ def _build_probe(args: argparse.Namespace) -> SparsityProbe:
         raise ProbeInputError(f"invalid probe options: {problems}") from None
     with _quiet_loading(enabled=args.verbose <= 0):
         return SparsityProbe(settings)
+
+
+def _probe_feeding(probe: SparsityProbe, model: SupervisedModel) -> SparsityProbe:
+    """``probe`` also measuring what ``model`` reads (layers, token means, hidden vectors); the
+    score and the fingerprint stay as they are."""
+    from probes.probe import SparsityProbe
+    from probes.supervised import required_probe
+
+    need = required_probe([model])
+    s = probe.settings
+    layers = tuple(dict.fromkeys((*s.layers, *need["layers"])))
+    states = tuple(dict.fromkeys((*s.state_layers, *need["state_layers"])))
+    token_mean = s.token_mean or bool(need["token_mean"])
+    if (layers, states, token_mean) == (s.layers, s.state_layers, s.token_mean):
+        return probe
+    update = {
+        "layers": layers,
+        "score_layer": probe.score_layer,
+        "token_mean": token_mean,
+        "state_layers": states,
+    }
+    return SparsityProbe(s.model_copy(update=update), loaded=probe.loaded)
 
 
 @contextlib.contextmanager
@@ -405,6 +437,8 @@ def _run_probe(args: argparse.Namespace) -> int:
     probe = _build_probe(args)
     if calibration is not None:
         calibration.check_fingerprint(probe.fingerprint(), source=args.calibration)
+        if calibration.supervised is not None:
+            probe = _probe_feeding(probe, calibration.supervised)
     results = probe.measure(inputs, progress=args.file is not None)
     if calibration is not None:
         results = [calibration.with_percentile(r) for r in results]

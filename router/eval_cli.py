@@ -1,9 +1,9 @@
 """``sparsity-router eval`` and ``sparsity-router calibrate --labels`` (see :mod:`router.evaluate`).
 
 Both read outcome data (:mod:`router.outcomes`) and probe its prompts once, at every layer of the
-probe model, both positions, with the model's perplexity of the prompt, through the on-disk
-feature cache (:mod:`probes.features`): re-running either is fast, and ``calibrate --labels``
-after ``eval`` on the same prompts probes nothing.
+probe model, both positions, with the model's perplexity of the prompt and its hidden vectors at
+the last layer, through the on-disk feature cache (:mod:`probes.features`): re-running either is
+fast, and ``calibrate --labels`` after ``eval`` on the same prompts probes nothing.
 """
 
 from __future__ import annotations
@@ -142,14 +142,25 @@ def all_layer_probe(probe: SparsityProbe) -> SparsityProbe:
 
 
 def feature_table(
-    probe: SparsityProbe, prompts: Sequence[str], cache: Path | None, *, progress: bool = True
+    probe: SparsityProbe,
+    prompts: Sequence[str],
+    cache: Path | None,
+    *,
+    progress: bool = True,
+    state_layers: Sequence[int] = (),
 ) -> FeatureTable:
-    """Features of every layer (both positions, perplexity) for ``prompts``, via the cache."""
+    """Features of every layer (both positions, perplexity) for ``prompts``, and the hidden
+    vectors of the last layer and of ``state_layers``, via the cache."""
     from probes.features import extract
 
     full = all_layer_probe(probe)
     return extract(
-        full, prompts, cache_dir=cache, progress=progress, batch_size=probe.settings.batch_size
+        full,
+        prompts,
+        cache_dir=cache,
+        progress=progress,
+        batch_size=probe.settings.batch_size,
+        state_layers=sorted({full.n_layers, *state_layers}),
     )
 
 
@@ -188,7 +199,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     if calibration is not None:
         calibration.check_fingerprint(probe.fingerprint(), source=args.calibration)
     print(f"{len(data)} labelled prompts; probing (cached in the feature cache) ...", flush=True)
-    table = feature_table(probe, data.prompts, args.features_cache)
+    model = calibration.supervised if calibration is not None else None
+    table = feature_table(
+        probe,
+        data.prompts,
+        args.features_cache,
+        state_layers=model.state_layers() if model is not None else (),
+    )
     embeddings = None
     if not args.no_embedding:
         print("embedding with all-MiniLM-L6-v2 (cached) ...", flush=True)
@@ -264,7 +281,12 @@ def run_calibrate_labels(
     """Fit the percentile calibration (on ``--reference``, else the labelled prompts) and the
     supervised P(large does better) model on ``--labels``; returns the combined calibration."""
     from probes.calibration import Calibration, fit_calibration
-    from probes.features import parse_feature
+    from probes.features import (
+        expand_features,
+        is_state_feature,
+        parse_feature,
+        parse_state_feature,
+    )
     from probes.probe import SparsityProbe
     from probes.supervised import LENGTH_FEATURE
     from router.evaluate import fit_supervised, supervised_features
@@ -278,24 +300,41 @@ def run_calibrate_labels(
     probe = build_probe(args)
     features = tuple(args.features) if args.features else supervised_features(probe.n_layers)
     needed_layers: set[int] = set()
+    needed_states: set[int] = set()
     needs_mean = False
-    for f in features:
-        if f == LENGTH_FEATURE:
-            continue
-        try:
+    width = probe.loaded.hidden_size
+    try:
+        features = expand_features(features, width)
+        for f in features:
+            if f == LENGTH_FEATURE:
+                continue
+            if is_state_feature(f):
+                layer, _pos, index = parse_state_feature(f)
+                if index >= width:
+                    raise ValueError(
+                        f"feature {f!r}: the probe's hidden vectors have {width} coordinates "
+                        f"(0..{width - 1})"
+                    )
+                needed_states.add(layer)
+                continue
             layer, _metric, pos = parse_feature(f)
-        except ValueError as exc:
-            raise CalibrationError(f"--features: {exc}") from None
-        needed_layers.add(layer)
-        needs_mean = needs_mean or pos == "mean"
-    out_of_range = sorted(la for la in needed_layers if not 0 <= la <= probe.n_layers)
+            needed_layers.add(layer)
+            needs_mean = needs_mean or pos == "mean"
+    except ValueError as exc:
+        raise CalibrationError(f"--features: {exc}") from None
+    out_of_range = sorted(
+        {la for la in needed_layers if not 0 <= la <= probe.n_layers}
+        | {la for la in needed_states if not 1 <= la <= probe.n_layers}
+    )
     if out_of_range:
         raise CalibrationError(
             f"--features name layers {out_of_range}, outside 0..{probe.n_layers} of "
             f"{probe.settings.model}"
         )
     print(f"{len(data)} labelled prompts; probing (cached in the feature cache) ...", flush=True)
-    table = feature_table(probe, data.prompts, args.features_cache)
+    table = feature_table(
+        probe, data.prompts, args.features_cache, state_layers=sorted(needed_states)
+    )
     model = fit_supervised(
         table, data, [f for f in features if f != LENGTH_FEATURE], folds=5, seed=args.seed
     )
@@ -307,6 +346,7 @@ def run_calibrate_labels(
                 "layers": layers,
                 "score_layer": probe.score_layer,  # adding layers must not move the score
                 "token_mean": probe.settings.token_mean or needs_mean,
+                "state_layers": tuple(sorted(needed_states)),
             }
         ),
         loaded=probe.loaded,
@@ -341,5 +381,10 @@ def run_calibrate_labels(
         "serve it with probe settings layers: "
         f"[{', '.join(str(x) for x in layers)}], score_layer: {probe.score_layer}"
         + (", token_mean: true" if needs_mean else "")
+        + (
+            f", state_layers: [{', '.join(str(x) for x in sorted(needed_states))}]"
+            if needed_states
+            else ""
+        )
     )
     return base.model_copy(update={"supervised": model})

@@ -10,7 +10,10 @@ CPT(80%) and the AUROC of the score for "the large model does better" (definitio
 - ``random`` (expected over 20 draws), ``length`` (more tokens -> large), ``perplexity`` (the
   probe model's mean NLL of the prompt, higher -> large);
 - ``embedding LR``: logistic regression on all-MiniLM-L6-v2 sentence embeddings;
-- ``sparsity LR``: the supervised calibration's recipe (:func:`supervised_features` + length).
+- ``sparsity LR``: logistic regression on the probe's sparsity metrics (:func:`sparsity_features`)
+  + length;
+- ``probe LR``: the supervised calibration's default recipe (:func:`supervised_features`): the
+  same plus the probe's hidden vectors at its last layer (when the table holds them).
 
 Trained routers are scored by stratified k-fold cross-validation (their L2 strength chosen by an
 inner CV on the training folds only); every router's numbers are means over the same test folds.
@@ -32,7 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policies.evaluation import apgr, auroc, cpt, quality_curve
-from probes.features import FeatureTable, default_cache_dir
+from probes.features import STATE, FeatureTable, default_cache_dir, expand_features, state_block
 from probes.supervised import LENGTH_FEATURE, SupervisedModel, fit_logistic
 
 if TYPE_CHECKING:
@@ -49,6 +52,7 @@ __all__ = [
     "fit_supervised",
     "fold_ids",
     "plot_report",
+    "sparsity_features",
     "supervised_features",
     "supervised_matrix",
 ]
@@ -60,23 +64,35 @@ IntArray = NDArray[np.int64]
 
 #: Shares c at which the averaged quality curves are drawn.
 GRID: Final = np.linspace(0.0, 1.0, 101)
-#: L2 strengths tried by the inner cross-validation.
-L2_GRID: Final = (1.0, 10.0, 100.0, 1000.0)
+#: L2 strengths tried by the inner cross-validation (the large ones for the ~1,200 hidden-vector
+#: features of the default recipe).
+L2_GRID: Final = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 N_RANDOM: Final = 20
 
 _RECIPE_METRICS: Final = ("top1_energy", "top10_energy", "effective_rank", "gini", "outlier_frac")
 
 
-def supervised_features(n_layers: int) -> tuple[str, ...]:
-    """The supervised router's probe features for a model of ``n_layers`` layers (the recipe
-    chosen in bench/results/routing_eval.md): the last third of the layers (20-30 of 30), five
-    metrics, last token and token mean."""
+def sparsity_features(n_layers: int) -> tuple[str, ...]:
+    """The sparsity part of the recipe for a model of ``n_layers`` layers (chosen in
+    bench/results/routing_eval.md): the last third of the layers (20-30 of 30), five metrics,
+    last token and token mean."""
     first = max(1, math.ceil(2 * n_layers / 3))
     return tuple(
         f"L{layer}.{metric}.{pos}"
         for pos in ("last", "mean")
         for layer in range(first, n_layers + 1)
         for metric in _RECIPE_METRICS
+    )
+
+
+def supervised_features(n_layers: int) -> tuple[str, ...]:
+    """The supervised router's default probe features: :func:`sparsity_features` plus the
+    probe's hidden vectors at its last layer, last token and token mean (blocks, spelled out by
+    :func:`probes.features.expand_features`); bench/results/routing_eval.md, follow-up 2."""
+    return (
+        *sparsity_features(n_layers),
+        f"L{n_layers}.{STATE}.last",
+        f"L{n_layers}.{STATE}.mean",
     )
 
 
@@ -213,16 +229,33 @@ def _cv_logistic(
     return r
 
 
+def table_features(table: FeatureTable, features: Sequence[str]) -> tuple[str, ...]:
+    """``features`` with hidden-vector blocks (``L30.state.last``) spelled out to the width of
+    the table's vectors (KeyError when the table lacks a block's vectors)."""
+    out: list[str] = []
+    for name in features:
+        parts = name.split(".")
+        if len(parts) == 3 and parts[1] == STATE:
+            block = state_block(int(parts[0][1:]), parts[2])
+            if block not in table.states:
+                raise KeyError(f"{name}: the feature table holds no {block} hidden vectors")
+            out.extend(expand_features([name], int(table.states[block].shape[1])))
+        else:
+            out.append(name)
+    return tuple(out)
+
+
 def supervised_matrix(
     table: FeatureTable, features: Sequence[str] = SUPERVISED_FEATURES, *, length: bool = True
 ) -> tuple[FloatArray, list[str]]:
-    """The supervised router's design matrix (and its feature names) from a feature table."""
-    cols = [table.column(f) for f in features]
-    names = list(features)
+    """The supervised router's design matrix (and its feature names) from a feature table;
+    hidden-vector blocks are spelled out coordinate by coordinate."""
+    names = list(table_features(table, features))
+    X = table.matrix(names)
     if length:
-        cols.append(np.log(np.maximum(table.n_tokens, 1.0)))
+        X = np.column_stack([X, np.log(np.maximum(table.n_tokens, 1.0))])
         names.append(LENGTH_FEATURE)
-    return np.column_stack(cols), names
+    return X, names
 
 
 def evaluate(
@@ -280,18 +313,25 @@ def evaluate(
         routers.append(
             _cv_logistic("embedding LR", embeddings, data, fold, "all-MiniLM-L6-v2, L2 logistic")
         )
-    if features is None:
-        features = supervised_features(_depth(table))
-    X, _ = supervised_matrix(table, features)
-    routers.append(
-        _cv_logistic(
-            "sparsity LR",
-            X,
-            data,
-            fold,
-            f"{len(features)} probe features + log length (supervised calibration)",
+    depth = _depth(table)
+    trained: list[tuple[str, Sequence[str], str]] = [
+        ("sparsity LR", sparsity_features(depth), "{k} sparsity features + log length")
+    ]
+    recipe = supervised_features(depth) if features is None else features
+    if features is not None:
+        trained = [("sparsity LR", features, "{k} probe features + log length (as given)")]
+    elif all(state_block(depth, p) in table.states for p in ("last", "mean")):
+        trained.append(
+            (
+                "probe LR",
+                recipe,
+                "{k} features: sparsity + last-layer hidden vectors + log length "
+                "(supervised calibration default)",
+            )
         )
-    )
+    for name, names, note in trained:
+        X, cols = supervised_matrix(table, names)
+        routers.append(_cv_logistic(name, X, data, fold, note.format(k=len(cols))))
     routers.append(oracle_r)
     return EvalReport(
         n=len(data),

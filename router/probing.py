@@ -91,7 +91,9 @@ class ProbeService:
         self.cache = cache
         self.timeout_s = timeout_s
         self._on_measured = on_measured
-        self._prefix = json.dumps(probe.fingerprint(), sort_keys=True).encode()
+        self._prefix = json.dumps(
+            {**probe.fingerprint(), "reports": _reports(probe)}, sort_keys=True
+        ).encode()
         self._flights: dict[str, _Flight] = {}
         # Batching off is a batch of one, still on one dedicated worker thread: forward passes
         # from changing threads each start their own OpenMP team, and idle teams spinning
@@ -108,7 +110,8 @@ class ProbeService:
 
     @property
     def fingerprint_digest(self) -> str:
-        """A short digest of the probe's fingerprint (stored with cached values)."""
+        """A short digest of the probe's fingerprint and of what its results report (stored
+        with cached values)."""
         return hashlib.sha256(self._prefix).hexdigest()[:16]
 
     def key(self, item: ProbeInput) -> str:
@@ -219,3 +222,16 @@ class ProbeService:
         if self._on_measured is not None:
             self._on_measured(outcome)
         return outcome
+
+
+def _reports(probe: Any) -> dict[str, Any]:
+    """What a probe's results carry beyond the fingerprint (layers, metrics, token means, hidden
+    vectors): part of the cache key, so a result cached by a probe that reported less is never
+    served to a supervised model that reads more."""
+    settings = getattr(probe, "settings", None)
+    return {
+        "layers": list(getattr(probe, "layers", ())),
+        "metrics": list(getattr(settings, "metrics", ())),
+        "token_mean": bool(getattr(probe, "token_mean", False)),
+        "state_layers": list(getattr(probe, "state_layers", ())),
+    }

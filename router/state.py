@@ -122,7 +122,12 @@ def _check_supervised(
         return
     try:
         token_mean = probe.settings.token_mean or probe.settings.score_position == "mean"
-        model.check_probe(probe.layers, token_mean, probe.settings.metrics)
+        model.check_probe(
+            probe.layers,
+            token_mean,
+            probe.settings.metrics,
+            state_layers=getattr(probe, "state_layers", ()),  # the remote probe keeps none
+        )
     except ValueError as exc:
         raise CalibrationError(f"calibration {source}: {exc}") from None
 

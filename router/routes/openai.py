@@ -125,6 +125,8 @@ class _Routed:
             out.append((b"x-router-score", f"{result.score:.6f}".encode()))
             if result.percentile is not None:
                 out.append((b"x-router-percentile", f"{result.percentile:.4f}".encode()))
+            if result.p_large is not None:
+                out.append((b"x-router-p-large", f"{result.p_large:.4f}".encode()))
         out.append((b"x-router-cache", (self.outcome.cache if self.outcome else "off").encode()))
         if fallback_from:
             out.append((b"x-router-fallback", ",".join(fallback_from).encode()))

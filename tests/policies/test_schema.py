@@ -105,6 +105,21 @@ def test_vllm_example() -> None:
     assert set(s.virtual_models) == {"auto", "auto-cheap"}
 
 
+def test_supervised_example_feeds_the_default_recipe() -> None:
+    from router.evaluate import supervised_features
+
+    s = load_settings(EXAMPLES / "supervised.yaml")
+    probe = s.probe
+    assert probe.state_layers == (30,) and probe.token_mean and probe.score_layer == 10
+    recipe = supervised_features(30)
+    metric_layers = {int(f.split(".")[0][1:]) for f in recipe if ".state." not in f}
+    assert metric_layers <= set(probe.layers)
+    assert {int(f.split(".")[0][1:]) for f in recipe if ".state." in f} == {30}
+    rule = s.policies["default"].rules[0]
+    assert rule.when.p_large is not None and rule.route == "large"
+    assert s.calibration_path() == EXAMPLES / "supervised.json"
+
+
 def test_three_tier_example_loads_with_its_human_tier() -> None:
     s = load_settings(EXAMPLES / "three-tier.yaml")
     human = s.backends["human"]
@@ -361,7 +376,8 @@ def test_problems_carry_structured_fields() -> None:
             "s.yaml:7: probe: unknown key 'scor_metric' (allowed: backend, batch_size, batching, "
             "chat_template, device, dtype, layers, max_tokens, metrics, model, prefix_cache, "
             "score_layer, score_metric, "
-            "score_position, system_prompt, threads, timeout_s, token_mean, vllm, warm_up)",
+            "score_position, state_layers, system_prompt, threads, timeout_s, token_mean, vllm, "
+            "warm_up)",
         ),
         (
             "cache: {redis: {url: 'http://r'}}\n",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -195,3 +197,59 @@ def test_prefix_cache_gives_the_plain_numbers(bundled_probe: SparsityProbe) -> N
     assert _max_diff([cached.measure_one(t) for t in TEXTS], plain) < 1e-4
     prefix = cached._template_prefix()
     assert prefix is not None and len(prefix.ids) >= 10  # the system prompt really was cached
+
+
+def test_state_layers_carry_the_pooled_hidden_vectors(tiny_model_dir: object) -> None:
+    """state_layers: the result carries the layer's hidden vector at the last token and its
+    token mean (first, sink token left out), as output_hidden_states reports them."""
+    probe = SparsityProbe(
+        ProbeSettings(model=str(tiny_model_dir), layers=(1,), state_layers=(2, -1), device="cpu")
+    )
+    assert probe.state_layers == (2, 4) and probe.deepest_layer == 4
+    assert probe.layers == (1,)  # metrics only where asked
+    model = probe.loaded.model
+    for text, result in zip(TEXTS, probe.measure(TEXTS, batch_size=4), strict=True):
+        ids, _ = probe.encode(text)
+        with torch.inference_mode():
+            full = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        assert result.states is not None and set(result.states) == {
+            "L2.last",
+            "L2.mean",
+            "L4.last",
+            "L4.mean",
+        }
+        assert set(result.metrics) == {1} and result.metrics_mean is None
+        for layer in (2, 4):
+            last = torch.tensor(result.states[f"L{layer}.last"], dtype=torch.float64)
+            mean = torch.tensor(result.states[f"L{layer}.mean"], dtype=torch.float64)
+            assert torch.allclose(last, full[layer][0, -1].double(), atol=1e-4)
+            assert torch.allclose(mean, full[layer][0, 1:].mean(0).double(), atol=1e-4)
+        # exact JSON round trip (float32 values, base64)
+        again = ProbeResult.from_dict(json.loads(json.dumps(result.to_dict())))
+        assert again == result
+    plain = SparsityProbe(ProbeSettings(model=str(tiny_model_dir), layers=(1,), device="cpu"))
+    assert plain.measure_one("hi").states is None
+    assert "states" not in plain.measure_one("hi").to_dict()
+
+
+def test_state_vectors_survive_the_prefix_cache(tiny_model_dir: object) -> None:
+    settings = ProbeSettings(model=str(tiny_model_dir), layers=(1,), state_layers=(3,))
+    plain = SparsityProbe(settings)
+    cached = SparsityProbe(settings.model_copy(update={"prefix_cache": True}), loaded=plain.loaded)
+    for a, b in zip(plain.measure(TEXTS), cached.measure(TEXTS), strict=True):
+        assert a.states is not None and b.states is not None
+        for block in ("L3.last", "L3.mean"):
+            assert torch.allclose(
+                torch.tensor(a.states[block]), torch.tensor(b.states[block]), atol=1e-4
+            )
+
+
+def test_stored_state_vector_must_be_float32_bytes() -> None:
+    data = {
+        "n_tokens": 3,
+        "score": 0.5,
+        "metrics": {"L1": {"gini": 0.5}},
+        "states": {"L1.last": "AAA="},
+    }
+    with pytest.raises(ValueError, match="float32"):
+        ProbeResult.from_dict(data)

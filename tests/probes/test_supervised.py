@@ -14,7 +14,7 @@ from policies.loader import parse_settings
 from probes.calibration import Calibration
 from probes.metrics import sparsity
 from probes.probe import ProbeResult
-from probes.supervised import LENGTH_FEATURE, SupervisedModel, fit_logistic
+from probes.supervised import LENGTH_FEATURE, SupervisedModel, fit_logistic, required_probe
 
 FEATURES = ("L2.gini.last", "L4.effective_rank.mean", LENGTH_FEATURE)
 
@@ -176,3 +176,73 @@ def test_p_large_needs_a_calibration() -> None:
         parse_settings(text, env={})
     with pytest.raises(ValueError, match="p_large"):
         parse_settings(POLICY.replace("{min: 0.6}", "{min: 1.5}"), env={})
+
+
+# -- hidden-vector features -----------------------------------------------------------------------
+WIDTH = 8
+STATE_FEATURES = (
+    *(f"L4.state.last.{i}" for i in range(WIDTH)),
+    "L4.state.mean.3",
+    "L2.gini.last",
+    LENGTH_FEATURE,
+)
+
+
+def state_result(rng: np.random.Generator) -> ProbeResult:
+    return ProbeResult(
+        n_tokens=int(rng.integers(5, 200)),
+        score=0.5,
+        metrics={2: {"gini": float(rng.uniform(0.2, 0.8))}},
+        states={
+            "L4.last": tuple(float(np.float32(x)) for x in rng.normal(size=WIDTH)),
+            "L4.mean": tuple(float(np.float32(x)) for x in rng.normal(size=WIDTH)),
+        },
+    )
+
+
+def uniform_model(features: tuple[str, ...], coef: float) -> SupervisedModel:
+    k = len(features)
+    return SupervisedModel(
+        features=features, mean=(0.0,) * k, scale=(1.0,) * k, coef=(coef,) * k, intercept=0.0
+    )
+
+
+def test_hidden_vector_features_predict_like_the_matrix() -> None:
+    rng = np.random.default_rng(3)
+    results = [state_result(rng) for _ in range(300)]
+    X = matrix(uniform_model(STATE_FEATURES, 0.0), results)
+    assert X[0, 2] == pytest.approx(results[0].states["L4.last"][2])  # type: ignore[index]
+    assert X[0, WIDTH] == pytest.approx(results[0].states["L4.mean"][3])  # type: ignore[index]
+    # the large model does better where coordinate 2 of the last-token vector is high
+    y = X[:, 2] + 0.3 * rng.normal(size=len(results)) > 0.2
+    model = SupervisedModel.fit(X, y, STATE_FEATURES, l2=1.0)
+    p_one = np.array([model.predict(r) for r in results])
+    assert p_one == pytest.approx(model.predict_matrix(X), abs=1e-12)
+    assert p_one[y].mean() > p_one[~y].mean() + 0.3
+    assert model.state_layers() == (4,) and model.probe_needs() == ((2,), False)
+    again = SupervisedModel.model_validate_json(model.model_dump_json())
+    assert [again.predict(r) for r in results[:5]] == pytest.approx(p_one[:5], abs=1e-12)
+    # a result without the vectors: a clear KeyError (the calibration then sets no p_large)
+    bare = ProbeResult(n_tokens=5, score=0.3, metrics={2: {"gini": 0.3}})
+    with pytest.raises(KeyError, match=r"no L4\.last hidden vector"):
+        model.predict(bare)
+    short = ProbeResult(
+        n_tokens=5,
+        score=0.3,
+        metrics={2: {"gini": 0.3}},
+        states={"L4.last": (0.0,) * 3, "L4.mean": (0.0,) * WIDTH},
+    )
+    with pytest.raises(KeyError, match="reads coordinate 7, the probe reports 3"):
+        model.predict(short)
+
+
+def test_check_probe_names_missing_hidden_vectors() -> None:
+    model = uniform_model(STATE_FEATURES, 1.0)
+    model.check_probe([2], False, ["gini"], state_layers=[4])
+    with pytest.raises(ValueError, match=r"hidden vectors of layers \[4\].*probe\.state_layers"):
+        model.check_probe([2], False, ["gini"])
+    assert required_probe([model]) == {"layers": (2,), "token_mean": False, "state_layers": (4,)}
+    with pytest.raises(ValueError, match=r"L<layer>\.state"):
+        SupervisedModel(
+            features=("L4.state.first.1",), mean=(0.0,), scale=(1.0,), coef=(1.0,), intercept=0.0
+        )

@@ -216,3 +216,25 @@ async def test_warm_up_failure_is_reported_not_raised(tiny_probe: SparsityProbe)
     svc = service(tiny_probe, None)
     await svc.aclose()  # a closed batcher refuses work: the warm-up must fail quietly
     assert await svc.warm_up(timeout_s=5) is None
+
+
+async def test_hidden_vectors_round_trip_through_redis_and_key_the_cache(
+    redis_server: RedisServer, tiny_probe: SparsityProbe
+) -> None:
+    """A result with hidden vectors is stored and read back exactly; a probe that keeps vectors
+    (or other layers) never reads what a probe that did not keep them stored."""
+    keeps = SparsityProbe(
+        tiny_probe.settings.model_copy(update={"state_layers": (4,)}), loaded=tiny_probe.loaded
+    )
+    plain, rich = service(tiny_probe, None), service(keeps, None)
+    assert plain.key("hello") != rich.key("hello")
+    assert plain.fingerprint_digest != rich.fingerprint_digest
+    assert tiny_probe.fingerprint() == keeps.fingerprint()  # calibrations still carry over
+    result = keeps.measure_one("hello")
+    assert result.states is not None and len(result.states["L4.last"]) == 64
+    cache = RedisCache(redis_server.url, fingerprint=rich.fingerprint_digest)
+    try:
+        await cache.set(rich.key("hello"), result)
+        assert await cache.get(rich.key("hello")) == result
+    finally:
+        await cache.aclose()

@@ -66,7 +66,15 @@ def test_eval_end_to_end(
     ]
     code, out, err = run(args, capsys)
     assert code == 0, err
-    for name in ("random", "length", "perplexity", "embedding LR", "sparsity LR", "oracle"):
+    for name in (
+        "random",
+        "length",
+        "perplexity",
+        "embedding LR",
+        "sparsity LR",
+        "probe LR",
+        "oracle",
+    ):
         assert name in out
     assert "configured (L4.top10_energy.last)" in out
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -74,6 +82,7 @@ def test_eval_end_to_end(
     routers = numbers["routers"]
     assert numbers["n"] == 60 and numbers["folds"] == 3
     assert len(routers["sparsity LR"]["apgr_folds"]) == 3 and routers["sparsity LR"]["trained"]
+    assert routers["probe LR"]["trained"] and len(routers["probe LR"]["apgr_folds"]) == 3
     # length was built to predict who does better; the oracle bounds everything
     assert routers["length"]["apgr"] > 0.6
     assert routers["oracle"]["apgr"] > max(r["apgr"] for k, r in routers.items() if k != "oracle")
@@ -126,11 +135,15 @@ def test_calibrate_labels_round_trip(
     assert model is not None
     assert model.n_train == 60 and model.features[-1] == "log_tokens"
     assert {f.split(".")[0] for f in model.features[:-1]} == {"L3", "L4"}
+    # the default recipe reads the last layer's hidden vectors (64 wide in the tiny model)
+    assert sum(f.startswith("L4.state.") for f in model.features) == 2 * 64
+    assert model.state_layers() == (4,)
     assert "apgr" in model.cv
     # the extra layers the model needs do not move the headline score
     assert calibration.fingerprint["layer"] == 1
-    assert "layers: [1, 3, 4], score_layer: 1, token_mean: true" in text
+    assert "layers: [1, 3, 4], score_layer: 1, token_mean: true, state_layers: [4]" in text
     # the probe, asked for the layers the model needs, reports p_large with the calibration
+    # (it keeps the hidden vectors the calibration's model reads without being asked)
     code, text, err = run(
         [
             "probe",
@@ -159,11 +172,26 @@ def test_calibrate_needs_reference_or_labels(
     assert code == 2 and "--reference FILE" in err and "--labels FILE" in err
 
 
+@pytest.mark.parametrize(
+    ("feature", "message"),
+    [
+        ("L2.gini", "must look like 'L<layer>.<metric>.<last|mean>'"),
+        ("L9.gini.last", "outside 0..4"),
+        ("L4.state.last.99", "hidden vectors have 64 coordinates (0..63)"),
+        ("L9.state.mean", "outside 0..4"),
+        ("L4.state.middle.1", "L<layer>.state.<last|mean>.<index>"),
+    ],
+)
 def test_calibrate_bad_feature(
-    tiny: list[str], outcomes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny: list[str],
+    outcomes: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    feature: str,
+    message: str,
 ) -> None:
-    base = ["calibrate", *tiny, "--labels", str(outcomes), "--out", str(tmp_path / "c.json")]
-    code, _, err = run([*base, "--features", "L2.gini"], capsys)
-    assert code == 2 and "must look like 'L<layer>.<metric>.<last|mean>'" in err
-    code, _, err = run([*base, "--features", "L9.gini.last"], capsys)
-    assert code == 2 and "outside 0..4" in err
+    out = tmp_path / "c.json"
+    args = ["calibrate", *tiny, "--labels", str(outcomes), "--out", str(out)]
+    code, _, err = run([*args, "--features", feature], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()

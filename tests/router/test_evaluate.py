@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from probes.features import FeatureTable
-from router.evaluate import evaluate, fold_ids, supervised_features
+from router.evaluate import (
+    evaluate,
+    fold_ids,
+    sparsity_features,
+    supervised_features,
+    supervised_matrix,
+)
 from router.outcomes import OutcomeDataError, OutcomeSet, read_outcomes
 
 ROUTELLM_HEADER = "prompt,mistralai/Mixtral-8x7B-Instruct-v0.1,gpt-4-1106-preview\n"
@@ -164,3 +170,40 @@ def test_recipe_fits_the_model_depth() -> None:
     assert all(int(f.split(".")[0][1:]) <= 4 for f in shallow) and shallow
     assert len(deep) >= len(shallow)
     assert all(f.split(".")[2] in ("last", "mean") for f in deep)
+
+
+def test_recipe_adds_the_last_layers_hidden_vectors() -> None:
+    recipe = supervised_features(4)
+    assert recipe[-2:] == ("L4.state.last", "L4.state.mean")
+    assert set(recipe[:-2]) == set(sparsity_features(4))
+
+
+def test_probe_lr_reads_the_hidden_vectors() -> None:
+    """Where the outcome lives in the probe's hidden vector and not in its sparsity, the default
+    recipe ("probe LR") finds it and the sparsity-only router does not."""
+    rng = np.random.default_rng(0)
+    n, width = 600, 16
+    last = rng.normal(size=(n, width)).astype(np.float32)
+    small = (rng.random(n) < 0.6).astype(float)
+    large = small.copy()
+    helps = last[:, 5] > 0.8  # the large model does better exactly here
+    small[helps], large[helps] = 0.0, 1.0
+    data = OutcomeSet([f"p{i}" for i in range(n)], small, large, ["g"] * n)
+    names = sparsity_features(4)
+    table = table_for(
+        rng.integers(5, 100, n).astype(np.float64), rng.random((n, len(names))), names
+    )
+    table.states = {"L4.last": last, "L4.mean": rng.normal(size=(n, width)).astype(np.float32)}
+    X, cols = supervised_matrix(table, supervised_features(4))
+    assert X.shape == (n, len(names) + 2 * width + 1) and cols[len(names)] == "L4.state.last.0"
+    report = evaluate(data, table, folds=5)
+    by = {r.name: r for r in report.routers}
+    assert by["probe LR"].trained and "hidden vectors" in by["probe LR"].note
+    assert by["probe LR"].mean("auroc") > 0.95
+    assert by["sparsity LR"].mean("auroc") < 0.65
+    assert by["probe LR"].mean("apgr") > by["sparsity LR"].mean("apgr") + 0.2
+    # without the vectors in the table, only the sparsity router runs
+    table.states = {}
+    assert "probe LR" not in {r.name for r in evaluate(data, table, folds=5).routers}
+    with pytest.raises(KeyError, match=r"no L4\.last hidden vectors"):
+        supervised_matrix(table, supervised_features(4))
