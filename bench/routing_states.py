@@ -226,6 +226,16 @@ def stacked_knn_router(data: OutcomeSet, X: FloatArray, Z: FloatArray, k: int = 
     return score
 
 
+def rank_average(*scorers: Scorer) -> Scorer:
+    """Mean of the scorers' ranks on the test rows (their scales do not matter)."""
+    from scipy.stats import rankdata
+
+    def score(tr: NDArray[np.bool_], te: NDArray[np.bool_]) -> FloatArray:
+        return np.mean([rankdata(s(tr, te)) for s in scorers], axis=0)
+
+    return score
+
+
 def cv(data: OutcomeSet, scorer: Scorer) -> tuple[float, float]:
     fold = fold_ids(data.small, data.large, 5, 0)
     vals = [
@@ -269,6 +279,12 @@ def routers(
         )
         out[f"kNN(50) on L{la} mean state"] = lambda la=la: cv(data, knn_router(data, mean[la]))
     out["recipe + kNN(50) L18 mean"] = lambda: cv(data, stacked_knn_router(data, recipe, mean[18]))
+    out["rank average: recipe + L30 LR, kNN(50) L12 mean"] = lambda: cv(
+        data,
+        rank_average(
+            lr_router(data, np.column_stack([recipe, layer[30]])), knn_router(data, mean[12])
+        ),
+    )
     out["all states PCA64 + recipe"] = lambda: cv(
         data, lr_router(data, np.column_stack([recipe, S]), pca=64)
     )
