@@ -48,6 +48,7 @@ __all__ = [
     "feature_value",
     "is_state_feature",
     "parse_feature",
+    "parse_state_block",
     "parse_state_feature",
     "state_block",
     "state_feature",
@@ -120,17 +121,28 @@ def parse_state_feature(name: str) -> tuple[int, str, int]:
     )
 
 
-def expand_features(names: Sequence[str], hidden_size: int) -> tuple[str, ...]:
+def parse_state_block(name: str) -> tuple[int, str] | None:
+    """``"L30.state.last"`` (a whole hidden vector) -> ``(30, "last")``; None for other names."""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[1] != STATE:
+        return None
+    layer, _, position = parse_feature(name)
+    return layer, position
+
+
+def expand_features(
+    names: Sequence[str], width: int | Callable[[int, str], int]
+) -> tuple[str, ...]:
     """``names`` with every block ``L<layer>.state.<position>`` spelled out coordinate by
-    coordinate (``hidden_size`` of them); other names unchanged."""
+    coordinate (``width`` of them, or ``width(layer, position)``); other names unchanged."""
     out: list[str] = []
     for name in names:
-        parts = name.split(".")
-        if len(parts) == 3 and parts[1] == STATE:
-            layer, _, position = parse_feature(name)
-            out.extend(state_feature(layer, position, i) for i in range(hidden_size))
-        else:
+        block = parse_state_block(name)
+        if block is None:
             out.append(name)
+        else:
+            n = width if isinstance(width, int) else width(*block)
+            out.extend(state_feature(*block, i) for i in range(n))
     return tuple(out)
 
 
@@ -206,7 +218,8 @@ def extract(
     outside = sorted(set(state_layers) - set(layers))
     if outside:
         raise ValueError(f"state_layers {outside} are not among the probe's layers {layers}")
-    blocks = tuple(state_block(la, p) for la in sorted(set(state_layers)) for p in POSITIONS)
+    state_layers = tuple(sorted(set(state_layers)))
+    blocks = tuple(state_block(la, p) for la in state_layers for p in POSITIONS)
     metrics = tuple(probe.settings.metrics)
     names = _names(layers, metrics)
     fingerprint = {
@@ -248,7 +261,7 @@ def extract(
                 perplexity,
                 batch_size,
                 bar,
-                blocks,
+                state_layers,
             )
             chunk_keys = [keys[i] for i in idx]
             _save_chunk(folder, chunk_keys, rows, states)
@@ -329,7 +342,7 @@ def _compute(
     perplexity: bool,
     batch_size: int,
     bar: Any,
-    blocks: Sequence[str] = (),
+    state_layers: Sequence[int] = (),
 ) -> tuple[_Rows, dict[str, NDArray[np.float32]]]:
     import torch
 
@@ -345,7 +358,6 @@ def _compute(
     head_skip, tail_skip = _template_edges(probe) if perplexity else (0, 0)
     lm_head = probe.loaded.model.get_output_embeddings() if perplexity else None
     final = probe.n_layers
-    state_layers = sorted({int(b.split(".")[0][1:]) for b in blocks})
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = [encoded[i][0] for i in rows]

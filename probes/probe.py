@@ -202,11 +202,13 @@ def pooled_states(
 ) -> dict[str, torch.Tensor]:
     """``{"L<layer>.last": (B, d), "L<layer>.mean": (B, d)}``: each layer's hidden vector at the
     last prompt token and averaged over tokens with ``weights`` (``_mean_weights``), float32."""
+    from probes.features import state_block
+
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         h = states[layer].float()
-        out[f"L{layer}.last"] = h[:, -1, :]
-        out[f"L{layer}.mean"] = (h * weights[..., None]).sum(1)
+        out[state_block(layer, "last")] = h[:, -1, :]
+        out[state_block(layer, "mean")] = (h * weights[..., None]).sum(1)
     return out
 
 

@@ -110,8 +110,9 @@ class SupervisedModel(BaseModel):
 
     # (layer or -1 for length, metric, token mean?, flip to "higher = sparser"?, mean, coef/scale)
     _plan: list[tuple[int, str, bool, bool, float, float]] = PrivateAttr(default_factory=list)
-    # hidden-vector features: block ("L30.last") -> (coordinates, their means, coef/scale)
-    _blocks: dict[str, tuple[NDArray[np.intp], FloatArray, FloatArray]] = PrivateAttr(
+    # hidden-vector features: block ("L30.last") -> (coordinates, their means, coef/scale,
+    # the width a vector must at least have)
+    _blocks: dict[str, tuple[NDArray[np.intp], FloatArray, FloatArray, int]] = PrivateAttr(
         default_factory=dict
     )
 
@@ -138,7 +139,7 @@ class SupervisedModel(BaseModel):
                 plan.append((layer, metric, pos == "mean", flip, m, c / s))
         self._plan = plan
         self._blocks = {
-            b: (np.asarray(i, dtype=np.intp), np.asarray(mu), np.asarray(w))
+            b: (np.asarray(i, dtype=np.intp), np.asarray(mu), np.asarray(w), max(i) + 1)
             for b, (i, mu, w) in blocks.items()
         }
 
@@ -216,12 +217,11 @@ class SupervisedModel(BaseModel):
                 v = table[layer][metric]
                 x = 1.0 - v if flip else v
             z += w * (x - mu)
-        for block, (idx, mu_b, w_b) in self._blocks.items():
+        for block, (idx, mu_b, w_b, need) in self._blocks.items():
             vec = np.asarray(_state(result, block), dtype=np.float64)
-            if idx.size and int(idx.max()) >= vec.size:
+            if vec.size < need:
                 raise KeyError(
-                    f"{block}: the model reads coordinate {int(idx.max())}, the probe "
-                    f"reports {vec.size}"
+                    f"{block}: the model reads coordinate {need - 1}, the probe reports {vec.size}"
                 )
             z += float(w_b @ (vec[idx] - mu_b))
         return 1.0 / (1.0 + math.exp(-max(-35.0, min(35.0, z))))

@@ -37,7 +37,6 @@ from probes.errors import CalibrationError, ProbeInputError, RouterError
 if TYPE_CHECKING:
     from probes.calibration import Calibration
     from probes.probe import ProbeInput, ProbeResult, SparsityProbe
-    from probes.supervised import SupervisedModel
 
 __all__ = [
     "COMMANDS",
@@ -353,7 +352,7 @@ def _build_probe(args: argparse.Namespace) -> SparsityProbe:
         "score_layer": args.layer,
         "score_position": args.position,
         "token_mean": args.token_mean,
-        "state_layers": getattr(args, "state_layers", None),
+        "state_layers": args.state_layers,
         "max_tokens": args.max_tokens,
         "batch_size": args.batch_size,
         "chat_template": args.chat_template,
@@ -370,28 +369,6 @@ def _build_probe(args: argparse.Namespace) -> SparsityProbe:
         raise ProbeInputError(f"invalid probe options: {problems}") from None
     with _quiet_loading(enabled=args.verbose <= 0):
         return SparsityProbe(settings)
-
-
-def _probe_feeding(probe: SparsityProbe, model: SupervisedModel) -> SparsityProbe:
-    """``probe`` also measuring what ``model`` reads (layers, token means, hidden vectors); the
-    score and the fingerprint stay as they are."""
-    from probes.probe import SparsityProbe
-    from probes.supervised import required_probe
-
-    need = required_probe([model])
-    s = probe.settings
-    layers = tuple(dict.fromkeys((*s.layers, *need["layers"])))
-    states = tuple(dict.fromkeys((*s.state_layers, *need["state_layers"])))
-    token_mean = s.token_mean or bool(need["token_mean"])
-    if (layers, states, token_mean) == (s.layers, s.state_layers, s.token_mean):
-        return probe
-    update = {
-        "layers": layers,
-        "score_layer": probe.score_layer,
-        "token_mean": token_mean,
-        "state_layers": states,
-    }
-    return SparsityProbe(s.model_copy(update=update), loaded=probe.loaded)
 
 
 @contextlib.contextmanager
@@ -438,7 +415,9 @@ def _run_probe(args: argparse.Namespace) -> int:
     if calibration is not None:
         calibration.check_fingerprint(probe.fingerprint(), source=args.calibration)
         if calibration.supervised is not None:
-            probe = _probe_feeding(probe, calibration.supervised)
+            from router.eval_cli import probe_feeding
+
+            probe = probe_feeding(probe, calibration.supervised)
     results = probe.measure(inputs, progress=args.file is not None)
     if calibration is not None:
         results = [calibration.with_percentile(r) for r in results]

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from probes.calibration import Calibration
     from probes.features import FeatureTable
     from probes.probe import ProbeResult, SparsityProbe
+    from probes.supervised import SupervisedModel
     from router.outcomes import OutcomeSet
 
-__all__ = ["add_eval_command", "add_label_options", "run_calibrate_labels"]
+__all__ = ["add_eval_command", "add_label_options", "probe_feeding", "run_calibrate_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,28 @@ def all_layer_probe(probe: SparsityProbe) -> SparsityProbe:
         token_mean=True,
     )
     return SparsityProbe(settings, loaded=probe.loaded)
+
+
+def probe_feeding(probe: SparsityProbe, model: SupervisedModel) -> SparsityProbe:
+    """``probe`` also measuring what ``model`` reads (layers, token means, hidden vectors); the
+    score and the fingerprint stay as they are."""
+    from probes.probe import SparsityProbe
+    from probes.supervised import required_probe
+
+    need = required_probe([model])
+    s = probe.settings
+    layers = tuple(dict.fromkeys((*s.layers, *need["layers"])))
+    states = tuple(dict.fromkeys((*s.state_layers, *need["state_layers"])))
+    token_mean = s.token_mean or bool(need["token_mean"])
+    if (layers, states, token_mean) == (s.layers, s.state_layers, s.token_mean):
+        return probe
+    update = {
+        "layers": layers,
+        "score_layer": probe.score_layer,
+        "token_mean": token_mean,
+        "state_layers": states,
+    }
+    return SparsityProbe(s.model_copy(update=update), loaded=probe.loaded)
 
 
 def feature_table(
@@ -287,7 +310,6 @@ def run_calibrate_labels(
         parse_feature,
         parse_state_feature,
     )
-    from probes.probe import SparsityProbe
     from probes.supervised import LENGTH_FEATURE
     from router.evaluate import fit_supervised, supervised_features
 
@@ -301,7 +323,6 @@ def run_calibrate_labels(
     features = tuple(args.features) if args.features else supervised_features(probe.n_layers)
     needed_layers: set[int] = set()
     needed_states: set[int] = set()
-    needs_mean = False
     width = probe.loaded.hidden_size
     try:
         features = expand_features(features, width)
@@ -317,9 +338,7 @@ def run_calibrate_labels(
                     )
                 needed_states.add(layer)
                 continue
-            layer, _metric, pos = parse_feature(f)
-            needed_layers.add(layer)
-            needs_mean = needs_mean or pos == "mean"
+            needed_layers.add(parse_feature(f)[0])
     except ValueError as exc:
         raise CalibrationError(f"--features: {exc}") from None
     out_of_range = sorted(
@@ -339,18 +358,7 @@ def run_calibrate_labels(
         table, data, [f for f in features if f != LENGTH_FEATURE], folds=5, seed=args.seed
     )
     # The probe that serves this calibration must measure the model's features.
-    layers = tuple(dict.fromkeys((*probe.settings.layers, *sorted(needed_layers))))
-    serving = SparsityProbe(
-        probe.settings.model_copy(
-            update={
-                "layers": layers,
-                "score_layer": probe.score_layer,  # adding layers must not move the score
-                "token_mean": probe.settings.token_mean or needs_mean,
-                "state_layers": tuple(sorted(needed_states)),
-            }
-        ),
-        loaded=probe.loaded,
-    )
+    serving = probe_feeding(probe, model)
     if args.reference:
         from router.cli import _read_file
 
@@ -377,13 +385,14 @@ def run_calibrate_labels(
     )
     quant = ", ".join(f"{k} {v:.3f}" for k, v in model.p_quantiles.items())
     print(f"p_large on the labelled prompts: {quant}")
+    s = serving.settings
     print(
         "serve it with probe settings layers: "
-        f"[{', '.join(str(x) for x in layers)}], score_layer: {probe.score_layer}"
-        + (", token_mean: true" if needs_mean else "")
+        f"[{', '.join(str(x) for x in s.layers)}], score_layer: {probe.score_layer}"
+        + (", token_mean: true" if s.token_mean else "")
         + (
-            f", state_layers: [{', '.join(str(x) for x in sorted(needed_states))}]"
-            if needed_states
+            f", state_layers: [{', '.join(str(x) for x in s.state_layers)}]"
+            if s.state_layers
             else ""
         )
     )

@@ -232,17 +232,14 @@ def _cv_logistic(
 def table_features(table: FeatureTable, features: Sequence[str]) -> tuple[str, ...]:
     """``features`` with hidden-vector blocks (``L30.state.last``) spelled out to the width of
     the table's vectors (KeyError when the table lacks a block's vectors)."""
-    out: list[str] = []
-    for name in features:
-        parts = name.split(".")
-        if len(parts) == 3 and parts[1] == STATE:
-            block = state_block(int(parts[0][1:]), parts[2])
-            if block not in table.states:
-                raise KeyError(f"{name}: the feature table holds no {block} hidden vectors")
-            out.extend(expand_features([name], int(table.states[block].shape[1])))
-        else:
-            out.append(name)
-    return tuple(out)
+
+    def width(layer: int, position: str) -> int:
+        block = state_block(layer, position)
+        if block not in table.states:
+            raise KeyError(f"the feature table holds no {block} hidden vectors")
+        return int(table.states[block].shape[1])
+
+    return expand_features(features, width)
 
 
 def supervised_matrix(
@@ -314,21 +311,20 @@ def evaluate(
             _cv_logistic("embedding LR", embeddings, data, fold, "all-MiniLM-L6-v2, L2 logistic")
         )
     depth = _depth(table)
-    trained: list[tuple[str, Sequence[str], str]] = [
-        ("sparsity LR", sparsity_features(depth), "{k} sparsity features + log length")
-    ]
-    recipe = supervised_features(depth) if features is None else features
+    trained: list[tuple[str, Sequence[str], str]]
     if features is not None:
         trained = [("sparsity LR", features, "{k} probe features + log length (as given)")]
-    elif all(state_block(depth, p) in table.states for p in ("last", "mean")):
-        trained.append(
-            (
-                "probe LR",
-                recipe,
-                "{k} features: sparsity + last-layer hidden vectors + log length "
-                "(supervised calibration default)",
+    else:
+        trained = [("sparsity LR", sparsity_features(depth), "{k} sparsity features + log length")]
+        if all(state_block(depth, p) in table.states for p in ("last", "mean")):
+            trained.append(
+                (
+                    "probe LR",
+                    supervised_features(depth),
+                    "{k} features: sparsity + last-layer hidden vectors + log length "
+                    "(supervised calibration default)",
+                )
             )
-        )
     for name, names, note in trained:
         X, cols = supervised_matrix(table, names)
         routers.append(_cv_logistic(name, X, data, fold, note.format(k=len(cols))))
