@@ -236,6 +236,7 @@ def test_state_vectors_survive_the_prefix_cache(tiny_model_dir: object) -> None:
     settings = ProbeSettings(model=str(tiny_model_dir), layers=(1,), state_layers=(3,))
     plain = SparsityProbe(settings)
     cached = SparsityProbe(settings.model_copy(update={"prefix_cache": True}), loaded=plain.loaded)
+    assert cached._template_prefix() is not None  # the cached path is the one under test
     for a, b in zip(plain.measure(TEXTS), cached.measure(TEXTS), strict=True):
         assert a.states is not None and b.states is not None
         for block in ("L3.last", "L3.mean"):
