@@ -12,6 +12,11 @@ Its features may also be coordinates of the probe's pooled hidden vectors
 prompt, which routes better than its sparsity alone (bench/results/routing_eval.md). A probe that
 feeds such a model keeps those vectors (``probe.state_layers``).
 
+It may also carry a :class:`~probes.neighbours.NeighbourVote` (the mean gain of the most
+similar labelled prompts in the probe's state space), stacked with the regression:
+``P = sigmoid(a * z + b * vote + c)``, where ``z`` is the regression's log-odds and ``(a, b, c)``
+(:attr:`SupervisedModel.stack`) a two-feature logistic regression fitted on out-of-fold values.
+
 It is stored as plain JSON (feature names, means, scales, coefficients; no pickle) inside the
 calibration file and carries the probe fingerprint it was fitted with. Applying it to a live
 :class:`~probes.probe.ProbeResult` is a dot product (a few dozen numbers for the sparsity
@@ -35,6 +40,7 @@ from probes.features import (
     parse_state_feature,
     state_block,
 )
+from probes.neighbours import NeighbourVote
 
 if TYPE_CHECKING:
     from probes.probe import ProbeResult
@@ -107,6 +113,14 @@ class SupervisedModel(BaseModel):
     p_quantiles: dict[str, float] = Field(
         default_factory=dict, description="quantiles of P on the training prompts ('q0.5': ...)"
     )
+    neighbours: NeighbourVote | None = Field(
+        None, description="nearest-neighbour vote stacked with the regression (or none)"
+    )
+    stack: tuple[float, float, float] | None = Field(
+        None,
+        description="(a, b, c): P = sigmoid(a * log-odds of the regression + b * vote + c); "
+        "set exactly when neighbours is",
+    )
 
     # (layer or -1 for length, metric, token mean?, flip to "higher = sparser"?, mean, coef/scale)
     _plan: list[tuple[int, str, bool, bool, float, float]] = PrivateAttr(default_factory=list)
@@ -156,6 +170,10 @@ class SupervisedModel(BaseModel):
                 parse_state_feature(f)
             elif f != LENGTH_FEATURE:
                 parse_feature(f)
+        if (self.neighbours is None) != (self.stack is None):
+            raise ValueError("neighbours and stack go together: set both or neither")
+        if self.stack is not None and not all(math.isfinite(v) for v in self.stack):
+            raise ValueError("stack weights must be finite")
         return self
 
     @classmethod
@@ -167,7 +185,12 @@ class SupervisedModel(BaseModel):
         *,
         l2: float = 1.0,
         cv: dict[str, float] | None = None,
+        neighbours: NeighbourVote | None = None,
+        stack: tuple[float, float, float] | None = None,
+        votes: FloatArray | None = None,
     ) -> SupervisedModel:
+        """Fit the regression on ``X`` (columns: ``features``); with ``neighbours``, stack its
+        ``votes`` on the training rows (leave-one-out) with weights ``stack``."""
         coef, intercept, mean, scale = fit_logistic(X, y, l2=l2)
         model = cls(
             features=tuple(features),
@@ -179,16 +202,46 @@ class SupervisedModel(BaseModel):
             n_train=len(y),
             positives=int(np.sum(y)),
             cv=dict(cv or {}),
+            neighbours=neighbours,
+            stack=stack,
         )
-        p = model.predict_matrix(X)
+        if neighbours is not None and (votes is None or len(votes) != len(y)):
+            raise ValueError("a model with neighbours needs the training rows' votes")
+        p = model.combine(model.log_odds(X), votes)
         quantiles = {f"q{q:g}": float(np.quantile(p, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
         return model.model_copy(update={"p_quantiles": quantiles})
 
     # -- applying ------------------------------------------------------------------------
-    def predict_matrix(self, X: FloatArray) -> FloatArray:
-        """P for each row of a feature matrix whose columns follow :attr:`features`."""
+    def log_odds(self, X: FloatArray) -> FloatArray:
+        """The regression's log-odds per row of a feature matrix (columns: :attr:`features`)."""
         z = ((np.asarray(X, dtype=np.float64) - self.mean) / self.scale) @ np.asarray(self.coef)
-        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z + self.intercept, -35, 35))))
+        return np.asarray(z + self.intercept, dtype=np.float64)
+
+    def combine(self, z: FloatArray, votes: FloatArray | None) -> FloatArray:
+        """P from the regression's log-odds ``z`` and, with neighbours, their ``votes``."""
+        if self.stack is not None:
+            if votes is None:
+                raise KeyError(f"the model stacks the {self.block_of_votes()} vote: give votes")
+            a, b, c = self.stack
+            z = a * z + b * np.asarray(votes, dtype=np.float64) + c
+        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -35, 35))))
+
+    def block_of_votes(self) -> str | None:
+        """The hidden vector the neighbour vote compares ("L12.state.mean"), if any."""
+        return self.neighbours.block if self.neighbours is not None else None
+
+    def predict_matrix(
+        self, X: FloatArray, states: dict[str, NDArray[Any]] | None = None
+    ) -> FloatArray:
+        """P for each row of a feature matrix whose columns follow :attr:`features`; with
+        neighbours, ``states`` (as in ``FeatureTable.states``) holds the rows' vectors."""
+        votes = None
+        if self.neighbours is not None:
+            key = self.neighbours.key
+            if states is None or key not in states:
+                raise KeyError(f"the neighbour vote needs the {key} hidden vectors")
+            votes = self.neighbours.votes(states[key])
+        return self.combine(self.log_odds(X), votes)
 
     def vector(self, result: ProbeResult) -> list[float]:
         """The model's input features read from a probe result (KeyError when not measured)."""
@@ -224,6 +277,9 @@ class SupervisedModel(BaseModel):
                     f"{block}: the model reads coordinate {need - 1}, the probe reports {vec.size}"
                 )
             z += float(w_b @ (vec[idx] - mu_b))
+        if self.neighbours is not None and self.stack is not None:
+            a, b, c = self.stack
+            z = a * z + b * self.neighbours.vote(_state(result, self.neighbours.key)) + c
         return 1.0 / (1.0 + math.exp(-max(-35.0, min(35.0, z))))
 
     def _metric_features(self) -> list[tuple[int, str, str]]:
@@ -241,9 +297,10 @@ class SupervisedModel(BaseModel):
 
     def state_layers(self) -> tuple[int, ...]:
         """Layers whose hidden vectors the probe must keep (``probe.state_layers``)."""
-        return tuple(
-            sorted({parse_state_feature(f)[0] for f in self.features if is_state_feature(f)})
-        )
+        layers = {parse_state_feature(f)[0] for f in self.features if is_state_feature(f)}
+        if self.neighbours is not None:
+            layers.add(self.neighbours.layer)
+        return tuple(sorted(layers))
 
     def check_probe(
         self,

@@ -237,6 +237,20 @@ def add_calibrate_command(subparsers: Any) -> None:
         help="with --labels: the supervised model's features, e.g. L10.gini.last,L28.top1_energy"
         ".mean,log_tokens (default: the recipe in router.evaluate.supervised_features)",
     )
+    parser.add_argument(
+        "--neighbours",
+        metavar="BLOCK",
+        help="with --labels: the hidden vector whose nearest labelled prompts vote, stacked with "
+        "the regression, e.g. L12.state.mean; 'none' for the regression alone (default: the token "
+        "mean at 40%% of the probe's depth, router.evaluate.neighbour_block)",
+    )
+    parser.add_argument(
+        "--neighbours-k",
+        type=_positive_int,
+        default=50,
+        metavar="K",
+        help="with --labels: labelled prompts averaged per neighbour vote (default 50)",
+    )
     _add_probe_options(parser)
     parser.set_defaults(handler=_run_calibrate)
 

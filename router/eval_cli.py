@@ -173,17 +173,21 @@ def feature_table(
     state_layers: Sequence[int] = (),
 ) -> FeatureTable:
     """Features of every layer (both positions, perplexity) for ``prompts``, and the hidden
-    vectors of the last layer and of ``state_layers``, via the cache."""
-    from probes.features import extract
+    vectors of the last layer, of the default neighbour vote's layer and of ``state_layers``,
+    via the cache."""
+    from probes.features import extract, parse_state_block
+    from router.evaluate import neighbour_block
 
     full = all_layer_probe(probe)
+    parsed = parse_state_block(neighbour_block(full.n_layers))
+    assert parsed is not None
     return extract(
         full,
         prompts,
         cache_dir=cache,
         progress=progress,
         batch_size=probe.settings.batch_size,
-        state_layers=sorted({full.n_layers, *state_layers}),
+        state_layers=sorted({full.n_layers, parsed[0], *state_layers}),
     )
 
 
@@ -198,7 +202,7 @@ def _configured_scores(
             np.log(np.maximum(table.n_tokens, 1.0)) if f == LENGTH_FEATURE else table.column(f)
             for f in model.features
         ]
-        return "configured (p_large)", model.predict_matrix(np.column_stack(cols))
+        return "configured (p_large)", model.predict_matrix(np.column_stack(cols), table.states)
     s = probe.settings
     name = f"L{probe.score_layer}.{s.score_metric}.{s.score_position}"
     return f"configured ({name})", table.column(name)
@@ -311,7 +315,7 @@ def run_calibrate_labels(
         parse_state_feature,
     )
     from probes.supervised import LENGTH_FEATURE
-    from router.evaluate import fit_supervised, supervised_features
+    from router.evaluate import fit_supervised, neighbour_block, supervised_features
 
     data = read_labels(args)
     if data.large_better.all() or not data.large_better.any():
@@ -324,6 +328,9 @@ def run_calibrate_labels(
     needed_layers: set[int] = set()
     needed_states: set[int] = set()
     width = probe.loaded.hidden_size
+    neighbours = _neighbour_option(args, neighbour_block(probe.n_layers))
+    if neighbours is not None:
+        needed_states.add(neighbours[0])
     try:
         features = expand_features(features, width)
         for f in features:
@@ -354,8 +361,19 @@ def run_calibrate_labels(
     table = feature_table(
         probe, data.prompts, args.features_cache, state_layers=sorted(needed_states)
     )
+    if neighbours is not None and args.neighbours_k > len(data) - 1:
+        raise CalibrationError(
+            f"--neighbours-k {args.neighbours_k}: only {len(data)} labelled prompts. Fix: lower "
+            "--neighbours-k or give more labels"
+        )
     model = fit_supervised(
-        table, data, [f for f in features if f != LENGTH_FEATURE], folds=5, seed=args.seed
+        table,
+        data,
+        [f for f in features if f != LENGTH_FEATURE],
+        neighbours=neighbours[1] if neighbours is not None else None,
+        k=args.neighbours_k,
+        folds=5,
+        seed=args.seed,
     )
     # The probe that serves this calibration must measure the model's features.
     serving = probe_feeding(probe, model)
@@ -383,6 +401,13 @@ def run_calibrate_labels(
         f"{int(cv.get('folds', 5))}-fold CV APGR {cv.get('apgr', math.nan):.3f}, "
         f"AUROC {cv.get('auroc', math.nan):.3f}, CPT(50%) {cv.get('cpt50', math.nan):.1%}"
     )
+    if model.neighbours is not None and model.stack is not None:
+        vote = model.neighbours
+        a, b, _ = model.stack
+        print(
+            f"neighbour vote: {vote.block}, mean gain of the {vote.k} nearest of {vote.n} "
+            f"labelled prompts; stacked as {a:.2f} x regression log-odds + {b:.2f} x vote"
+        )
     quant = ", ".join(f"{k} {v:.3f}" for k, v in model.p_quantiles.items())
     print(f"p_large on the labelled prompts: {quant}")
     s = serving.settings
@@ -397,3 +422,22 @@ def run_calibrate_labels(
         )
     )
     return base.model_copy(update={"supervised": model})
+
+
+def _neighbour_option(args: argparse.Namespace, default: str) -> tuple[int, str] | None:
+    """(layer, block) of ``--neighbours`` (``default`` when not given; None for 'none')."""
+    from probes.features import parse_state_block
+
+    text = getattr(args, "neighbours", None) or default
+    if text.strip().lower() == "none":
+        return None
+    try:
+        parsed = parse_state_block(text.strip())
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise CalibrationError(
+            f"--neighbours {text!r} must name a hidden vector, 'L<layer>.state.<last|mean>' "
+            "(e.g. L12.state.mean), or be 'none'"
+        )
+    return parsed[0], text.strip()

@@ -35,7 +35,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from policies.evaluation import apgr, auroc, cpt, quality_curve
-from probes.features import STATE, FeatureTable, default_cache_dir, expand_features, state_block
+from probes.features import (
+    STATE,
+    FeatureTable,
+    default_cache_dir,
+    expand_features,
+    parse_state_block,
+    state_block,
+)
+from probes.neighbours import DEFAULT_K, NeighbourVote
 from probes.supervised import LENGTH_FEATURE, SupervisedModel, fit_logistic
 
 if TYPE_CHECKING:
@@ -51,6 +59,7 @@ __all__ = [
     "evaluate",
     "fit_supervised",
     "fold_ids",
+    "neighbour_block",
     "plot_report",
     "sparsity_features",
     "supervised_features",
@@ -98,6 +107,12 @@ def supervised_features(n_layers: int) -> tuple[str, ...]:
 
 #: The recipe for the bundled 30-layer probe model.
 SUPERVISED_FEATURES: tuple[str, ...] = supervised_features(30)
+
+
+def neighbour_block(n_layers: int) -> str:
+    """The hidden vector the default neighbour vote compares: the token mean at 40% of the depth
+    (layer 12 of 30; bench/routing_states.py found layer 12 best of 6, 12, 18, 24, 30)."""
+    return f"L{max(1, round(0.4 * n_layers))}.{STATE}.mean"
 
 
 @dataclass(slots=True)
@@ -196,20 +211,93 @@ def _score_fold(r: RouterScores, s: FloatArray, small: FloatArray, large: FloatA
 
 def _inner_l2(X: FloatArray, y: NDArray[np.bool_], small: FloatArray, large: FloatArray) -> float:
     """The L2 strength with the best mean APGR over a 3-fold CV inside the training rows."""
+    return _inner_fit(X, y, small, large)[0]
+
+
+def _inner_fit(
+    X: FloatArray, y: NDArray[np.bool_], small: FloatArray, large: FloatArray
+) -> tuple[float, FloatArray]:
+    """(the L2 strength with the best mean APGR over a 3-fold CV inside the training rows, the
+    out-of-fold log-odds of every row at that strength)."""
     inner = fold_ids(small, large, 3, seed=1)
-    best, best_value = L2_GRID[0], -math.inf
+    best, best_value, best_oof = L2_GRID[0], -math.inf, np.zeros(len(y))
     for l2 in L2_GRID:
         values = []
+        oof = np.full(len(y), np.nan)
         for k in range(3):
             tr, te = inner != k, inner == k
-            if y[tr].all() or not y[tr].any() or small[te].mean() == large[te].mean():
+            if y[tr].all() or not y[tr].any():
                 continue
             coef, b, mean, scale = fit_logistic(X[tr], y[tr], l2=l2)
-            values.append(apgr(((X[te] - mean) / scale) @ coef + b, small[te], large[te]))
+            oof[te] = ((X[te] - mean) / scale) @ coef + b
+            if small[te].mean() != large[te].mean():
+                values.append(apgr(oof[te], small[te], large[te]))
         value = float(np.mean(values)) if values else -math.inf
         if value > best_value:
             best, best_value = l2, value
-    return best
+            fill = float(np.nanmean(oof)) if np.isfinite(oof).any() else 0.0
+            best_oof = np.where(np.isfinite(oof), oof, fill)
+    return best, best_oof
+
+
+def _stack_weights(
+    z: FloatArray, votes: FloatArray, y: NDArray[np.bool_]
+) -> tuple[float, float, float]:
+    """(a, b, c) of P = sigmoid(a * z + b * vote + c), fitted on out-of-fold values."""
+    coef, b, mean, scale = fit_logistic(np.column_stack([z, votes]), y, l2=1.0)
+    w = coef / scale
+    return float(w[0]), float(w[1]), float(b - w @ mean)
+
+
+@dataclass(slots=True)
+class _Stacked:
+    """The regression and the neighbour vote fitted on some rows, and their stacking weights."""
+
+    l2: float
+    coef: FloatArray
+    intercept: float
+    mean: FloatArray
+    scale: FloatArray
+    vote: NeighbourVote
+    stack: tuple[float, float, float]
+    loo: FloatArray  # leave-one-out votes of the rows it was fitted on
+
+    def predict(self, X: FloatArray, vectors: NDArray[np.float32]) -> FloatArray:
+        z = ((X - self.mean) / self.scale) @ self.coef + self.intercept
+        a, b, c = self.stack
+        z = a * z + b * self.vote.votes(vectors) + c
+        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -35, 35))))
+
+
+def _fit_stacked(
+    X: FloatArray, vectors: NDArray[np.float32], data: OutcomeSet, block: str, k: int
+) -> _Stacked:
+    """Regression (L2 by inner CV) + neighbour vote on every row of ``X``, stacked on the inner
+    CV's out-of-fold log-odds and the leave-one-out votes."""
+    y = data.large_better
+    l2, oof = _inner_fit(X, y, data.small, data.large)
+    coef, b, mean, scale = fit_logistic(X, y, l2=l2)
+    vote = NeighbourVote.fit(vectors, data.large - data.small, block, k=k)
+    loo = vote.votes(vectors, exclude=np.arange(len(y)))
+    return _Stacked(l2, coef, b, mean, scale, vote, _stack_weights(oof, loo, y), loo)
+
+
+def _cv_stacked(
+    name: str,
+    X: FloatArray,
+    vectors: NDArray[np.float32],
+    data: OutcomeSet,
+    folds: IntArray,
+    block: str,
+    k: int,
+    note: str,
+) -> RouterScores:
+    r = RouterScores(name, trained=True, note=note)
+    for f in range(int(folds.max()) + 1):
+        tr, te = folds != f, folds == f
+        fitted = _fit_stacked(X[tr], vectors[tr], data.subset(np.flatnonzero(tr)), block, k)
+        _score_fold(r, fitted.predict(X[te], vectors[te]), data.small[te], data.large[te])
+    return r
 
 
 def _cv_logistic(
@@ -328,6 +416,22 @@ def evaluate(
     for name, names, note in trained:
         X, cols = supervised_matrix(table, names)
         routers.append(_cv_logistic(name, X, data, fold, note.format(k=len(cols))))
+    block = neighbour_block(depth)
+    if features is None and len(trained) == 2 and state_block(*_parsed(block)) in table.states:
+        X, cols = supervised_matrix(table, trained[1][1])
+        routers.append(
+            _cv_stacked(
+                "probe LR + kNN",
+                X,
+                _block_vectors(table, block),
+                data,
+                fold,
+                block,
+                DEFAULT_K,
+                f"probe LR stacked with the mean gain of the {DEFAULT_K} nearest training "
+                f"prompts ({block})",
+            )
+        )
     routers.append(oracle_r)
     return EvalReport(
         n=len(data),
@@ -339,6 +443,12 @@ def evaluate(
     )
 
 
+def _parsed(block: str) -> tuple[int, str]:
+    parsed = parse_state_block(block)
+    assert parsed is not None
+    return parsed
+
+
 def _depth(table: FeatureTable) -> int:
     return max(int(name.split(".")[0][1:]) for name in table.names)
 
@@ -348,28 +458,51 @@ def fit_supervised(
     data: OutcomeSet,
     features: Sequence[str] = SUPERVISED_FEATURES,
     *,
+    neighbours: str | None = None,
+    k: int = DEFAULT_K,
     folds: int = 5,
     seed: int = 0,
 ) -> SupervisedModel:
-    """Fit the supervised model on all rows (L2 by inner CV); its k-fold CV scores attached."""
+    """Fit the supervised model on all rows (L2 by inner CV), with the neighbour vote on the
+    ``neighbours`` block ("L12.state.mean") stacked in when given; its k-fold CV scores attached."""
     X, names = supervised_matrix(table, features)
     y = data.large_better
     fold = fold_ids(data.small, data.large, folds, seed)
-    cv = _cv_logistic("sparsity LR", X, data, fold, "")
-    l2 = _inner_l2(X, y, data.small, data.large)
-    return SupervisedModel.fit(
-        X,
-        y,
-        names,
-        l2=l2,
-        cv={
-            "folds": float(folds),
-            "apgr": cv.mean("apgr"),
-            "cpt50": cv.mean("cpt50"),
-            "cpt80": cv.mean("cpt80"),
-            "auroc": cv.mean("auroc"),
-        },
-    )
+    if neighbours is None:
+        cv = _cv_logistic("probe LR", X, data, fold, "")
+        model = SupervisedModel.fit(X, y, names, l2=_inner_l2(X, y, data.small, data.large))
+    else:
+        vectors = _block_vectors(table, neighbours)
+        cv = _cv_stacked("probe LR + kNN", X, vectors, data, fold, neighbours, k, "")
+        fitted = _fit_stacked(X, vectors, data, neighbours, k)
+        model = SupervisedModel.fit(
+            X,
+            y,
+            names,
+            l2=fitted.l2,
+            neighbours=fitted.vote,
+            stack=fitted.stack,
+            votes=fitted.loo,
+        )
+    scores = {
+        "folds": float(folds),
+        "apgr": cv.mean("apgr"),
+        "cpt50": cv.mean("cpt50"),
+        "cpt80": cv.mean("cpt80"),
+        "auroc": cv.mean("auroc"),
+    }
+    return model.model_copy(update={"cv": scores})
+
+
+def _block_vectors(table: FeatureTable, block: str) -> NDArray[np.float32]:
+    """The table's hidden vectors of ``block`` ("L12.state.mean"; KeyError when missing)."""
+    parsed = parse_state_block(block)
+    if parsed is None:
+        raise ValueError(f"{block!r} must look like 'L<layer>.state.<last|mean>'")
+    key = state_block(*parsed)
+    if key not in table.states:
+        raise KeyError(f"the feature table holds no {key} hidden vectors")
+    return table.states[key]
 
 
 # -- embeddings ---------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ class ProbeService:
             {**probe.fingerprint(), "reports": _reports(probe)}, sort_keys=True
         ).encode()
         self._flights: dict[str, _Flight] = {}
+        supervised = calibration.supervised if calibration is not None else None
+        self._vote_off_loop = supervised is not None and supervised.neighbours is not None
         # Batching off is a batch of one, still on one dedicated worker thread: forward passes
         # from changing threads each start their own OpenMP team, and idle teams spinning
         # beside the busy one cut throughput several-fold (bench/probe_throughput.py).
@@ -125,7 +127,7 @@ class ProbeService:
         flight = self._flights.get(key)
         if flight is not None:  # the same prompt is being looked up or probed: wait for it
             await flight.done.wait()
-            return self._finish(flight.result, flight.cache, start, flight.error)
+            return await self._finish(flight.result, flight.cache, start, flight.error)
         flight = self._flights[key] = _Flight("miss" if self.cache is not None else "off")
         try:
             if self.cache is not None:
@@ -141,13 +143,17 @@ class ProbeService:
                 flight.error = "cancelled"
             flight.done.set()
             del self._flights[key]
-        return self._finish(flight.result, flight.cache, start, flight.error)
+        return await self._finish(flight.result, flight.cache, start, flight.error)
 
-    def _finish(
+    async def _finish(
         self, result: ProbeResult | None, cache: CacheState, start: float, error: str | None
     ) -> ProbeOutcome:
-        if result is not None and self.calibration is not None:
-            result = self.calibration.with_percentile(result)
+        calibration = self.calibration
+        if result is not None and calibration is not None:
+            if self._vote_off_loop:  # ~1 ms of numpy per vote: keep the event loop free
+                result = await anyio.to_thread.run_sync(calibration.with_percentile, result)
+            else:
+                result = calibration.with_percentile(result)
         return self._done(ProbeOutcome(result, cache, time.perf_counter() - start, error))
 
     def _measure_batch(self, items: Sequence[ProbeInput]) -> list[ProbeResult | BaseException]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -246,3 +247,59 @@ def test_check_probe_names_missing_hidden_vectors() -> None:
         SupervisedModel(
             features=("L4.state.first.1",), mean=(0.0,), scale=(1.0,), coef=(1.0,), intercept=0.0
         )
+
+
+# -- the stacked neighbour vote -----------------------------------------------------------------
+
+
+def test_neighbour_vote_is_stacked_into_p_large() -> None:
+    """A model with a neighbour vote on L6's token mean: predict (one live result) equals
+    predict_matrix (a table), the vote moves P the way its weight says, and the probe must keep
+    layer 6's vectors."""
+    from probes.neighbours import NeighbourVote
+
+    rng = np.random.default_rng(5)
+    results = []
+    for _ in range(200):
+        r = state_result(rng)
+        assert r.states is not None
+        six = tuple(float(np.float32(x)) for x in rng.normal(size=WIDTH))
+        results.append(dataclasses.replace(r, states={**r.states, "L6.mean": six}))
+    X = matrix(uniform_model(STATE_FEATURES, 0.0), results)
+    six = np.array([r.states["L6.mean"] for r in results], dtype=np.float32)  # type: ignore[index]
+    gains = np.where(six[:, 0] > 0, 1.0, 0.0)  # the large model gains where coordinate 0 > 0
+    y = gains > 0
+    vote = NeighbourVote.fit(six, gains, "L6.state.mean", k=5)
+    loo = vote.votes(six, exclude=np.arange(len(results)))
+    model = SupervisedModel.fit(
+        X, y, STATE_FEATURES, neighbours=vote, stack=(0.5, 4.0, -2.0), votes=loo
+    )
+    p_one = np.array([model.predict(r) for r in results])
+    p_all = model.predict_matrix(X, {"L6.mean": six})
+    assert p_one == pytest.approx(p_all, abs=1e-9)
+    z = model.log_odds(X)
+    votes = vote.votes(six)
+    assert p_all == pytest.approx(1 / (1 + np.exp(-(0.5 * z + 4.0 * votes - 2.0))))
+    assert model.state_layers() == (4, 6) and model.block_of_votes() == "L6.state.mean"
+    # quantiles come from the leave-one-out votes, not from each prompt voting for itself
+    p_loo = 1 / (1 + np.exp(-(0.5 * z + 4.0 * loo - 2.0)))
+    assert model.p_quantiles["q0.5"] == pytest.approx(float(np.quantile(p_loo, 0.5)))
+    # JSON round trip (inside a calibration, as served)
+    again = SupervisedModel.model_validate_json(model.model_dump_json())
+    assert [again.predict(r) for r in results[:10]] == pytest.approx(p_one[:10], abs=1e-12)
+    # what is missing is named
+    with pytest.raises(KeyError, match=r"needs the L6\.mean hidden vectors"):
+        model.predict_matrix(X)
+    assert results[0].states is not None
+    lacking = dataclasses.replace(
+        results[0], states={k: v for k, v in results[0].states.items() if k != "L6.mean"}
+    )
+    with pytest.raises(KeyError, match=r"no L6\.mean hidden vector"):
+        model.predict(lacking)
+    with pytest.raises(ValueError, match=r"hidden vectors of layers \[6\]"):
+        model.check_probe([2], False, ["gini"], state_layers=[4])
+    assert required_probe([model])["state_layers"] == (4, 6)
+    with pytest.raises(ValueError, match="neighbours and stack go together"):
+        SupervisedModel.model_validate({**model.model_dump(), "stack": None})
+    with pytest.raises(ValueError, match="needs the training rows' votes"):
+        SupervisedModel.fit(X, y, STATE_FEATURES, neighbours=vote, stack=(1.0, 1.0, 0.0))

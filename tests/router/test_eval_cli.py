@@ -73,6 +73,7 @@ def test_eval_end_to_end(
         "embedding LR",
         "sparsity LR",
         "probe LR",
+        "probe LR + kNN",
         "oracle",
     ):
         assert name in out
@@ -83,6 +84,7 @@ def test_eval_end_to_end(
     assert numbers["n"] == 60 and numbers["folds"] == 3
     assert len(routers["sparsity LR"]["apgr_folds"]) == 3 and routers["sparsity LR"]["trained"]
     assert routers["probe LR"]["trained"] and len(routers["probe LR"]["apgr_folds"]) == 3
+    assert routers["probe LR + kNN"]["trained"]
     # length was built to predict who does better; the oracle bounds everything
     assert routers["length"]["apgr"] > 0.6
     assert routers["oracle"]["apgr"] > max(r["apgr"] for k, r in routers.items() if k != "oracle")
@@ -137,11 +139,19 @@ def test_calibrate_labels_round_trip(
     assert {f.split(".")[0] for f in model.features[:-1]} == {"L3", "L4"}
     # the default recipe reads the last layer's hidden vectors (64 wide in the tiny model)
     assert sum(f.startswith("L4.state.") for f in model.features) == 2 * 64
-    assert model.state_layers() == (4,)
+    # and stacks the vote of the nearest labelled prompts at layer 2 (40% of 4 layers)
+    assert model.neighbours is not None and model.stack is not None
+    assert (model.neighbours.block, model.neighbours.n, model.neighbours.k) == (
+        "L2.state.mean",
+        60,
+        50,
+    )
+    assert "neighbour vote: L2.state.mean, mean gain of the 50 nearest of 60" in text
+    assert model.state_layers() == (2, 4)
     assert "apgr" in model.cv
     # the extra layers the model needs do not move the headline score
     assert calibration.fingerprint["layer"] == 1
-    assert "layers: [1, 3, 4], score_layer: 1, token_mean: true, state_layers: [4]" in text
+    assert "layers: [1, 3, 4], score_layer: 1, token_mean: true, state_layers: [2, 4]" in text
     # the probe, asked for the layers the model needs, reports p_large with the calibration
     # (it keeps the hidden vectors the calibration's model reads without being asked)
     code, text, err = run(
@@ -193,5 +203,49 @@ def test_calibrate_bad_feature(
     out = tmp_path / "c.json"
     args = ["calibrate", *tiny, "--labels", str(outcomes), "--out", str(out)]
     code, _, err = run([*args, "--features", feature], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_calibrate_labels_without_neighbours(
+    tiny: list[str], outcomes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "calib.json"
+    args = ["calibrate", *tiny, "--labels", str(outcomes), "--min-per-bucket", "10"]
+    code, text, err = run([*args, "--neighbours", "none", "--out", str(out)], capsys)
+    assert code == 0, err
+    model = Calibration.load(out).supervised
+    assert model is not None and model.neighbours is None and model.stack is None
+    assert model.state_layers() == (4,) and "neighbour vote" not in text
+    # another block and k
+    args += ["--neighbours", "L3.state.last", "--neighbours-k", "7"]
+    code, text, err = run([*args, "--out", str(out)], capsys)
+    assert code == 0, err
+    model = Calibration.load(out).supervised
+    assert model is not None and model.neighbours is not None
+    assert (model.neighbours.block, model.neighbours.k) == ("L3.state.last", 7)
+    assert model.state_layers() == (3, 4)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--neighbours", "L2.gini.mean"], "must name a hidden vector, 'L<layer>.state."),
+        (["--neighbours", "twelve"], "must name a hidden vector"),
+        (["--neighbours", "L9.state.mean"], "outside 0..4"),
+        (["--neighbours-k", "60"], "--neighbours-k 60: only 60 labelled prompts"),
+    ],
+)
+def test_calibrate_bad_neighbours(
+    tiny: list[str],
+    outcomes: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "c.json"
+    args = ["calibrate", *tiny, "--labels", str(outcomes), "--out", str(out), *option]
+    code, _, err = run(args, capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert not out.exists()

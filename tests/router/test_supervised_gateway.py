@@ -1,6 +1,7 @@
-"""A supervised calibration on the probe's hidden vectors, served by the gateway: the probe keeps
-the vectors (probe.state_layers), p_large bands route, the header reports it; a probe that cannot
-feed the model is refused at start-up with the YAML key to set."""
+"""A supervised calibration on the probe's hidden vectors (read by the regression, or compared
+with the labelled prompts' by the neighbour vote), served by the gateway: the probe keeps the
+vectors (probe.state_layers), p_large bands route, the header reports it; a probe that cannot feed
+the model is refused at start-up with the YAML key to set."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from policies.loader import parse_settings
 from policies.schema import Settings
 from probes.calibration import Calibration
 from probes.errors import CalibrationError
+from probes.neighbours import NeighbourVote
 from probes.probe import SparsityProbe
 from probes.supervised import LENGTH_FEATURE, SupervisedModel
 from router.app import create_app
@@ -73,16 +75,53 @@ def state_calibration(tiny_probe: SparsityProbe, tmp_path: Path) -> tuple[Path, 
     return path, model
 
 
+@pytest.fixture
+def vote_calibration(tiny_probe: SparsityProbe, tmp_path: Path) -> tuple[Path, SupervisedModel]:
+    """A calibration whose model stacks a neighbour vote on layer 2's token mean with a
+    regression on length: the large model did better on reference prompts whose layer-2 vector
+    has coordinate 5 above its median."""
+    probe = SparsityProbe(
+        tiny_probe.settings.model_copy(update={"layers": (1,), "state_layers": (2,)}),
+        loaded=tiny_probe.loaded,
+    )
+    results = probe.measure(REFERENCE)
+    vectors = np.array([r.states["L2.mean"] for r in results], dtype=np.float32)  # type: ignore[index]
+    gains = (vectors[:, 5] > np.median(vectors[:, 5])).astype(float)
+    vote = NeighbourVote.fit(vectors, gains, "L2.state.mean", k=3)
+    X = np.log([[r.n_tokens] for r in results])
+    model = SupervisedModel.fit(
+        X,
+        gains > 0,
+        (LENGTH_FEATURE,),
+        neighbours=vote,
+        stack=(1.0, 8.0, -4.0),
+        votes=vote.votes(vectors, exclude=np.arange(len(results))),
+    )
+    path = tmp_path / "vote.json"
+    Calibration.fit(results, probe.fingerprint(), min_per_bucket=16).model_copy(
+        update={"supervised": model}
+    ).save(path)
+    return path, model
+
+
+@pytest.mark.parametrize(
+    ("calibration", "states"),
+    [("state_calibration", "[-1]"), ("vote_calibration", "[2]")],
+)
 def test_gateway_routes_on_p_large_from_hidden_vectors(
     tiny_probe: SparsityProbe,
-    state_calibration: tuple[Path, SupervisedModel],
     tmp_path: Path,
+    request: pytest.FixtureRequest,
+    calibration: str,
+    states: str,
 ) -> None:
-    path, model = state_calibration
+    """p_large from the hidden vectors of layer 4 (-1) read by the regression, or from the vote
+    of the nearest reference prompts at layer 2."""
+    path, model = request.getfixturevalue(calibration)
     upstreams = {name: ServerThread(FakeUpstream(name=name)).start() for name in ("s", "l")}
     try:
         urls = (upstreams["s"].url + "/v1", upstreams["l"].url + "/v1")
-        settings = gateway_settings(tiny_probe, "[-1]", path, urls, tmp_path)  # -1: layer 4
+        settings = gateway_settings(tiny_probe, states, path, urls, tmp_path)
         served = SparsityProbe(settings.probe.probe_settings(), loaded=tiny_probe.loaded)
         reference = SparsityProbe(served.settings, loaded=tiny_probe.loaded)
         gateway = ServerThread(create_app(settings, probe=served)).start()
@@ -108,15 +147,24 @@ def test_gateway_routes_on_p_large_from_hidden_vectors(
             server.stop()
 
 
+@pytest.mark.parametrize(
+    ("calibration", "states", "missing"),
+    [("state_calibration", "[]", 4), ("vote_calibration", "[4]", 2)],
+)
 def test_a_probe_without_the_vectors_is_refused(
     tiny_probe: SparsityProbe,
-    state_calibration: tuple[Path, SupervisedModel],
     tmp_path: Path,
+    request: pytest.FixtureRequest,
+    calibration: str,
+    states: str,
+    missing: int,
 ) -> None:
+    """The regression's vectors (layer 4) or the vote's (layer 2) not kept: refused at start-up."""
+    path, _ = request.getfixturevalue(calibration)
     urls = ("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1")  # never reached
-    settings = gateway_settings(tiny_probe, "[]", state_calibration[0], urls, tmp_path)
+    settings = gateway_settings(tiny_probe, states, path, urls, tmp_path)
     probe = SparsityProbe(settings.probe.probe_settings(), loaded=tiny_probe.loaded)
-    with pytest.raises(CalibrationError, match=r"layers \[4\].*set probe\.state_layers"):
+    with pytest.raises(CalibrationError, match=rf"layers \[{missing}\].*set probe\.state_layers"):
         build_state(settings, probe=probe)
 
 
