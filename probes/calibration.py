@@ -309,6 +309,9 @@ class Calibration(_Value):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
             try:
+                # mkstemp makes the file private (0600): give it the mode a plain write would,
+                # so that a gateway running as another user can read it
+                os.fchmod(fd, 0o666 & ~_umask())
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
                     handle.write(self.to_json())
                 os.replace(tmp, path)
@@ -383,6 +386,12 @@ class Calibration(_Value):
         lines.append(f"score: mean {self.stats.mean:.4f}, std {self.stats.std:.4f}")
         lines.append(f"score quantiles: {quantiles}")
         return "\n".join(lines)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fit_calibration(

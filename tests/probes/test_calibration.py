@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +217,20 @@ def test_save_load_round_trip(calibration: Calibration, tmp_path: Path) -> None:
     for _ in range(500):
         probe = make_result(rng.uniform(-0.1, 1.1), rng.randint(0, 600))
         assert loaded.percentile(probe) == calibration.percentile(probe)
+
+
+def test_saved_file_has_the_umask_mode_not_a_private_one(
+    calibration: Calibration, tmp_path: Path
+) -> None:
+    """A gateway running as another user must be able to read what calibrate wrote."""
+    old = os.umask(0o022)
+    try:
+        path = calibration.save(tmp_path / "calib.json")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert stat.S_IMODE(calibration.save(tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_fingerprint_mismatch_names_each_key(calibration: Calibration, tmp_path: Path) -> None:
