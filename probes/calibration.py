@@ -385,6 +385,20 @@ class Calibration(_Value):
         quantiles = "  ".join(f"{k}={v:.4f}" for k, v in self.stats.quantiles.items())
         lines.append(f"score: mean {self.stats.mean:.4f}, std {self.stats.std:.4f}")
         lines.append(f"score quantiles: {quantiles}")
+        model = self.supervised
+        if model is not None:
+            apgr = model.cv.get("apgr")
+            lines.append(
+                f"supervised p_large: {len(model.features)} features, fitted on {model.n_train} "
+                "labelled prompts"
+                + (f", CV APGR {apgr:.3f}" if apgr is not None else "")
+                + (
+                    f"; stacked with the vote of the {model.neighbours.k} nearest of "
+                    f"{model.neighbours.n} ({model.neighbours.block})"
+                    if model.neighbours is not None
+                    else ""
+                )
+            )
         return "\n".join(lines)
 
 

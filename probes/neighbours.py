@@ -155,6 +155,8 @@ class NeighbourVote(BaseModel):
                 hit = own >= 0
                 sim[rows[hit], own[hit]] = -np.inf
             k = min(self.k, self.n - (1 if exclude is not None else 0))
+            if k < 1:
+                raise ValueError("a leave-one-out vote needs at least 2 labelled prompts")
             top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
             out[start : start + sim.shape[0]] = self._gains[top].mean(axis=1)
         if Z.ndim != 2:

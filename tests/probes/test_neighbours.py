@@ -53,6 +53,10 @@ def test_leave_one_out_excludes_the_row_itself() -> None:
     assert vote.votes(Z[7:8], exclude=np.array([-1])).tolist() == [1.0]
     everyone = vote.votes(Z, exclude=np.arange(50))
     assert everyone[7] == 0.0 and everyone.shape == (50,)
+    alone = NeighbourVote.fit(Z[:1], gains[:1], "L2.state.mean")
+    assert alone.k == 1 and alone.votes(Z[3:4]).tolist() == [0.0]
+    with pytest.raises(ValueError, match="at least 2 labelled prompts"):
+        alone.votes(Z[:1], exclude=np.array([0]))
 
 
 def test_matches_brute_force_cosine_after_standardising() -> None:

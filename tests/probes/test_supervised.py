@@ -133,6 +133,8 @@ def test_calibration_carries_the_model(tmp_path: Path) -> None:
     plain = Calibration.load(fitted_calibration(None).save(tmp_path / "plain.json"))
     assert plain.supervised is None
     assert plain.with_percentile(probe_result(0.7, 0.2, 50)).p_large is None
+    assert "supervised p_large: 3 features, fitted on 400 labelled prompts" in loaded.summary()
+    assert "supervised" not in plain.summary()
 
 
 POLICY = """
@@ -284,6 +286,9 @@ def test_neighbour_vote_is_stacked_into_p_large() -> None:
     # quantiles come from the leave-one-out votes, not from each prompt voting for itself
     p_loo = 1 / (1 + np.exp(-(0.5 * z + 4.0 * loo - 2.0)))
     assert model.p_quantiles["q0.5"] == pytest.approx(float(np.quantile(p_loo, 0.5)))
+    assert "stacked with the vote of the 5 nearest of 200 (L6.state.mean)" in (
+        fitted_calibration(model).summary()
+    )
     # JSON round trip (inside a calibration, as served)
     again = SupervisedModel.model_validate_json(model.model_dump_json())
     assert [again.predict(r) for r in results[:10]] == pytest.approx(p_one[:10], abs=1e-12)
