@@ -12,8 +12,11 @@ CPT(80%) and the AUROC of the score for "the large model does better" (definitio
 - ``embedding LR``: logistic regression on all-MiniLM-L6-v2 sentence embeddings;
 - ``sparsity LR``: logistic regression on the probe's sparsity metrics (:func:`sparsity_features`)
   + length;
-- ``probe LR``: the supervised calibration's default recipe (:func:`supervised_features`): the
-  same plus the probe's hidden vectors at its last layer (when the table holds them).
+- ``probe LR``: the supervised calibration's recipe (:func:`supervised_features`): the same
+  plus the probe's hidden vectors at its last layer (when the table holds them);
+- ``probe LR + kNN``: the default of ``calibrate --labels``: ``probe LR`` stacked with the
+  nearest-neighbour vote (:mod:`probes.neighbours`) on :func:`neighbour_block`'s vectors, the
+  stacking weights fitted on out-of-fold values inside each training fold.
 
 Trained routers are scored by stratified k-fold cross-validation (their L2 strength chosen by an
 inner CV on the training folds only); every router's numbers are means over the same test folds.
