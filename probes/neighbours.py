@@ -146,7 +146,9 @@ class NeighbourVote(BaseModel):
         """The vote of each row of ``vectors`` (m x width); ``exclude[i]``, when given and >= 0,
         is a kept prompt row ``i`` may not count as its own neighbour (leave-one-out)."""
         Z = np.asarray(vectors)
-        out = np.empty(Z.shape[0] if Z.ndim == 2 else 0, dtype=np.float64)
+        if Z.ndim != 2:
+            self._similar(Z)  # raises the shape error
+        out = np.empty(Z.shape[0], dtype=np.float64)
         for start in range(0, out.size, _CHUNK):
             sim = self._similar(Z[start : start + _CHUNK])
             if exclude is not None:
@@ -159,8 +161,6 @@ class NeighbourVote(BaseModel):
                 raise ValueError("a leave-one-out vote needs at least 2 labelled prompts")
             top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
             out[start : start + sim.shape[0]] = self._gains[top].mean(axis=1)
-        if Z.ndim != 2:
-            self._similar(Z)  # raises the shape error
         return out
 
     def vote(self, vector: NDArray[Any] | tuple[float, ...]) -> float:

@@ -252,42 +252,28 @@ def _stack_weights(
     return float(w[0]), float(w[1]), float(b - w @ mean)
 
 
-@dataclass(slots=True)
-class _Stacked:
-    """The regression and the neighbour vote fitted on some rows, and their stacking weights."""
-
-    l2: float
-    coef: FloatArray
-    intercept: float
-    mean: FloatArray
-    scale: FloatArray
-    vote: NeighbourVote
-    stack: tuple[float, float, float]
-    loo: FloatArray  # leave-one-out votes of the rows it was fitted on
-
-    def predict(self, X: FloatArray, vectors: NDArray[np.float32]) -> FloatArray:
-        z = ((X - self.mean) / self.scale) @ self.coef + self.intercept
-        a, b, c = self.stack
-        z = a * z + b * self.vote.votes(vectors) + c
-        return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -35, 35))))
-
-
 def _fit_stacked(
-    X: FloatArray, vectors: NDArray[np.float32], data: OutcomeSet, block: str, k: int
-) -> _Stacked:
+    X: FloatArray,
+    names: Sequence[str],
+    vectors: NDArray[np.float32],
+    data: OutcomeSet,
+    block: str,
+    k: int,
+) -> SupervisedModel:
     """Regression (L2 by inner CV) + neighbour vote on every row of ``X``, stacked on the inner
     CV's out-of-fold log-odds and the leave-one-out votes."""
     y = data.large_better
     l2, oof = _inner_fit(X, y, data.small, data.large)
-    coef, b, mean, scale = fit_logistic(X, y, l2=l2)
     vote = NeighbourVote.fit(vectors, data.large - data.small, block, k=k)
     loo = vote.votes(vectors, exclude=np.arange(len(y)))
-    return _Stacked(l2, coef, b, mean, scale, vote, _stack_weights(oof, loo, y), loo)
+    stack = _stack_weights(oof, loo, y)
+    return SupervisedModel.fit(X, y, names, l2=l2, neighbours=vote, stack=stack, votes=loo)
 
 
 def _cv_stacked(
     name: str,
     X: FloatArray,
+    names: Sequence[str],
     vectors: NDArray[np.float32],
     data: OutcomeSet,
     folds: IntArray,
@@ -296,10 +282,12 @@ def _cv_stacked(
     note: str,
 ) -> RouterScores:
     r = RouterScores(name, trained=True, note=note)
+    key = _block_key(block)
     for f in range(int(folds.max()) + 1):
         tr, te = folds != f, folds == f
-        fitted = _fit_stacked(X[tr], vectors[tr], data.subset(np.flatnonzero(tr)), block, k)
-        _score_fold(r, fitted.predict(X[te], vectors[te]), data.small[te], data.large[te])
+        model = _fit_stacked(X[tr], names, vectors[tr], data.subset(np.flatnonzero(tr)), block, k)
+        p = model.predict_matrix(X[te], {key: vectors[te]})
+        _score_fold(r, p, data.small[te], data.large[te])
     return r
 
 
@@ -420,12 +408,13 @@ def evaluate(
         X, cols = supervised_matrix(table, names)
         routers.append(_cv_logistic(name, X, data, fold, note.format(k=len(cols))))
     block = neighbour_block(depth)
-    if features is None and len(trained) == 2 and state_block(*_parsed(block)) in table.states:
+    if features is None and len(trained) == 2 and _block_key(block) in table.states:
         X, cols = supervised_matrix(table, trained[1][1])
         routers.append(
             _cv_stacked(
                 "probe LR + kNN",
                 X,
+                cols,
                 _block_vectors(table, block),
                 data,
                 fold,
@@ -444,12 +433,6 @@ def evaluate(
         large_better=float(data.large_better.mean()),
         routers=routers,
     )
-
-
-def _parsed(block: str) -> tuple[int, str]:
-    parsed = parse_state_block(block)
-    assert parsed is not None
-    return parsed
 
 
 def _depth(table: FeatureTable) -> int:
@@ -476,17 +459,8 @@ def fit_supervised(
         model = SupervisedModel.fit(X, y, names, l2=_inner_l2(X, y, data.small, data.large))
     else:
         vectors = _block_vectors(table, neighbours)
-        cv = _cv_stacked("probe LR + kNN", X, vectors, data, fold, neighbours, k, "")
-        fitted = _fit_stacked(X, vectors, data, neighbours, k)
-        model = SupervisedModel.fit(
-            X,
-            y,
-            names,
-            l2=fitted.l2,
-            neighbours=fitted.vote,
-            stack=fitted.stack,
-            votes=fitted.loo,
-        )
+        cv = _cv_stacked("probe LR + kNN", X, names, vectors, data, fold, neighbours, k, "")
+        model = _fit_stacked(X, names, vectors, data, neighbours, k)
     scores = {
         "folds": float(folds),
         "apgr": cv.mean("apgr"),
@@ -497,12 +471,17 @@ def fit_supervised(
     return model.model_copy(update={"cv": scores})
 
 
-def _block_vectors(table: FeatureTable, block: str) -> NDArray[np.float32]:
-    """The table's hidden vectors of ``block`` ("L12.state.mean"; KeyError when missing)."""
+def _block_key(block: str) -> str:
+    """``"L12.state.mean"`` -> its key in ``FeatureTable.states``, ``"L12.mean"``."""
     parsed = parse_state_block(block)
     if parsed is None:
         raise ValueError(f"{block!r} must look like 'L<layer>.state.<last|mean>'")
-    key = state_block(*parsed)
+    return state_block(*parsed)
+
+
+def _block_vectors(table: FeatureTable, block: str) -> NDArray[np.float32]:
+    """The table's hidden vectors of ``block`` ("L12.state.mean"; KeyError when missing)."""
+    key = _block_key(block)
     if key not in table.states:
         raise KeyError(f"the feature table holds no {key} hidden vectors")
     return table.states[key]
