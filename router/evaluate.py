@@ -401,7 +401,7 @@ def evaluate(
                     "probe LR",
                     supervised_features(depth),
                     "{k} features: sparsity + last-layer hidden vectors + log length "
-                    "(supervised calibration default)",
+                    "(the supervised calibration's regression)",
                 )
             )
     for name, names, note in trained:
