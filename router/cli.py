@@ -485,6 +485,9 @@ def _table(
     header = ["#", "input", "tokens", "score"]
     if calibration is not None:
         header.append("pct")
+    supervised = calibration is not None and calibration.supervised is not None
+    if supervised:
+        header.append("p_large")
     header += [f"L{layer}" for layer in probe.layers]
     rows = []
     for index, (item, result) in enumerate(zip(inputs, results, strict=True)):
@@ -496,6 +499,8 @@ def _table(
         ]
         if calibration is not None:
             row.append("-" if result.percentile is None else f"{result.percentile:.3f}")
+        if supervised:
+            row.append("-" if result.p_large is None else f"{result.p_large:.3f}")
         row += [f"{result.value(layer, s.score_metric, position):.4f}" for layer in probe.layers]
         rows.append(row)
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]

@@ -173,6 +173,20 @@ def test_calibrate_labels_round_trip(
     rows = [json.loads(line) for line in text.splitlines()]
     assert all(0.0 < r["p_large"] < 1.0 for r in rows)
     assert all(r["percentile"] is not None for r in rows)
+    # the table shows the same p_large in its own column
+    code, text, err = run(
+        [
+            *["probe", *tiny, "--layers=1,3,4", "--layer=1", "--token-mean"],
+            *["--calibration", str(out), "a short prompt"],
+            "the quick brown fox jumps over the lazy dog " * 4,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    header, *cells = text.splitlines()[1:4]
+    assert header.split()[:6] == ["#", "input", "tokens", "score", "pct", "p_large"]
+    for cell, row in zip(cells, rows, strict=True):  # p_large, then the 3 layer columns
+        assert cell.split()[-4] == f"{row['p_large']:.3f}"
 
 
 def test_calibrate_needs_reference_or_labels(
