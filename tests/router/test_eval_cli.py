@@ -154,34 +154,16 @@ def test_calibrate_labels_round_trip(
     assert "layers: [1, 3, 4], score_layer: 1, token_mean: true, state_layers: [2, 4]" in text
     # the probe, asked for the layers the model needs, reports p_large with the calibration
     # (it keeps the hidden vectors the calibration's model reads without being asked)
-    code, text, err = run(
-        [
-            "probe",
-            *tiny,
-            "--layers=1,3,4",
-            "--layer=1",
-            "--token-mean",
-            "--json",
-            "--calibration",
-            str(out),
-            "a short prompt",
-            "the quick brown fox jumps over the lazy dog " * 4,
-        ],
-        capsys,
-    )
+    probe = ["probe", *tiny, "--layers=1,3,4", "--layer=1", "--token-mean"]
+    probe += ["--calibration", str(out), "a short prompt"]
+    probe.append("the quick brown fox jumps over the lazy dog " * 4)
+    code, text, err = run([*probe, "--json"], capsys)
     assert code == 0, err
     rows = [json.loads(line) for line in text.splitlines()]
     assert all(0.0 < r["p_large"] < 1.0 for r in rows)
     assert all(r["percentile"] is not None for r in rows)
     # the table shows the same p_large in its own column
-    code, text, err = run(
-        [
-            *["probe", *tiny, "--layers=1,3,4", "--layer=1", "--token-mean"],
-            *["--calibration", str(out), "a short prompt"],
-            "the quick brown fox jumps over the lazy dog " * 4,
-        ],
-        capsys,
-    )
+    code, text, err = run(probe, capsys)
     assert code == 0, err
     header, *cells = text.splitlines()[1:4]
     assert header.split()[:6] == ["#", "input", "tokens", "score", "pct", "p_large"]
