@@ -5,7 +5,9 @@ Run: ``.venv/bin/python bench/supervised_cost.py [--labelled 1319,6000] [--repea
 Builds the default supervised model (``calibrate --labels``: 110 sparsity features + the layer-30
 hidden vectors, last token and token mean, + log length; 1,263 numbers for SmolLM2's width 576)
 on random numbers of the real shapes (the cost does not depend on the values), alone and stacked
-with the nearest-neighbour vote on n labelled layer-12 vectors, and prints per request: the
+with the default nearest-neighbour votes (router.evaluate.neighbour_blocks: the token mean of
+layer 12, from 2,500 labelled prompts on also layer 18's) on n labelled prompts, and prints per
+request: the
 latency of ``SupervisedModel.predict`` on one probe result (median and p99 over ``--repeat``
 calls), its ratio against the regression alone (the baseline, timed in the same process), the
 calibration JSON's size and the time to load it.
@@ -27,7 +29,7 @@ import numpy as np
 from probes.neighbours import NeighbourVote
 from probes.probe import ProbeResult
 from probes.supervised import LENGTH_FEATURE, SupervisedModel
-from router.evaluate import neighbour_block, sparsity_features, supervised_features
+from router.evaluate import neighbour_blocks, sparsity_features, supervised_features
 
 WIDTH = 576
 LAYERS = 30
@@ -37,7 +39,7 @@ def result(rng: np.random.Generator) -> ProbeResult:
     metrics = {la: {m: float(rng.random()) for m in _metrics()} for la in range(20, LAYERS + 1)}
     vec = {
         f"L{la}.{p}": tuple(float(x) for x in rng.normal(size=WIDTH).astype(np.float32))
-        for la in (12, LAYERS)
+        for la in (12, 18, LAYERS)
         for p in ("last", "mean")
     }
     return ProbeResult(
@@ -64,14 +66,15 @@ def model_for(n: int, rng: np.random.Generator, vote: bool) -> SupervisedModel:
     y = rng.random(n) < 0.3
     if not vote:
         return SupervisedModel.fit(X, y, names, l2=100.0)
-    vectors = rng.normal(size=(n, WIDTH)).astype(np.float32)
-    neighbours = NeighbourVote.fit(
-        vectors, rng.integers(-1, 2, n).astype(float), neighbour_block(LAYERS)
-    )
-    loo = neighbours.votes(vectors, exclude=np.arange(n))
-    return SupervisedModel.fit(
-        X, y, names, l2=100.0, neighbours=neighbours, stack=(1.0, 2.0, 0.0), votes=loo
-    )
+    gains = rng.integers(-1, 2, n).astype(float)
+    votes = []
+    for block in neighbour_blocks(LAYERS, n):
+        vectors = rng.normal(size=(n, WIDTH)).astype(np.float32)
+        votes.append((NeighbourVote.fit(vectors, gains, block), vectors))
+    loo = np.column_stack([v.votes(z, exclude=np.arange(n)) for v, z in votes])
+    stack = (1.0, *(2.0 for _ in votes), 0.0)
+    neighbours = [v for v, _ in votes]
+    return SupervisedModel.fit(X, y, names, l2=100.0, neighbours=neighbours, stack=stack, votes=loo)
 
 
 def timed(model: SupervisedModel, results: list[ProbeResult], repeat: int) -> np.ndarray:

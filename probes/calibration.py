@@ -393,9 +393,12 @@ class Calibration(_Value):
                 "labelled prompts"
                 + (f", CV APGR {apgr:.3f}" if apgr is not None else "")
                 + (
-                    f"; stacked with the vote of the {model.neighbours.k} nearest of "
-                    f"{model.neighbours.n} ({model.neighbours.block})"
-                    if model.neighbours is not None
+                    "; stacked with "
+                    + " and ".join(
+                        f"the vote of the {v.k} nearest of {v.n} ({v.block})"
+                        for v in model.neighbours
+                    )
+                    if model.neighbours
                     else ""
                 )
             )

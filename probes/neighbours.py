@@ -8,7 +8,8 @@ A new prompt's vote is the mean gain of its ``k`` most similar labelled prompts 
 after standardising each coordinate on the labelled prompts): RouteLLM's similarity-weighted idea
 in the probe's own representation space. On RouteLLM MMLU it adds to the logistic regression of
 :mod:`probes.supervised` what a linear model on the same vectors cannot (bench/results/
-routing_eval.md, follow-up 4); the supervised model stacks the two.
+routing_eval.md, follow-up 4); the supervised model stacks the two, and with 2,500 labelled
+prompts or more a second vote at another layer (follow-up 6).
 
 Stored inside the calibration JSON, base64 (no pickle): the vectors as float16 (already
 standardised and unit-length, so float16's 3 significant digits keep every similarity within

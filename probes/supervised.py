@@ -12,10 +12,12 @@ Its features may also be coordinates of the probe's pooled hidden vectors
 prompt, which routes better than its sparsity alone (bench/results/routing_eval.md). A probe that
 feeds such a model keeps those vectors (``probe.state_layers``).
 
-It may also carry a :class:`~probes.neighbours.NeighbourVote` (the mean gain of the most
-similar labelled prompts in the probe's state space), stacked with the regression:
-``P = sigmoid(a * z + b * vote + c)``, where ``z`` is the regression's log-odds and ``(a, b, c)``
-(:attr:`SupervisedModel.stack`) a two-feature logistic regression fitted on out-of-fold values.
+It may also carry :class:`~probes.neighbours.NeighbourVote` s (each the mean gain of the most
+similar labelled prompts in the probe's state space at one layer), stacked with the regression:
+``P = sigmoid(a * z + b_1 * vote_1 + ... + b_m * vote_m + c)``, where ``z`` is the regression's
+log-odds and ``(a, b_1..b_m, c)`` (:attr:`SupervisedModel.stack`) a logistic regression fitted on
+out-of-fold values. A calibration file written with one vote (``"neighbours": {...}``,
+``"stack": [a, b, c]``) reads as a one-vote model.
 
 It is stored as plain JSON (feature names, means, scales, coefficients; no pickle) inside the
 calibration file and carries the probe fingerprint it was fitted with. Applying it to a live
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from probes.features import (
     feature_value,
@@ -113,13 +115,13 @@ class SupervisedModel(BaseModel):
     p_quantiles: dict[str, float] = Field(
         default_factory=dict, description="quantiles of P on the training prompts ('q0.5': ...)"
     )
-    neighbours: NeighbourVote | None = Field(
-        None, description="nearest-neighbour vote stacked with the regression (or none)"
+    neighbours: tuple[NeighbourVote, ...] = Field(
+        (), description="nearest-neighbour votes stacked with the regression (none: it alone)"
     )
-    stack: tuple[float, float, float] | None = Field(
+    stack: tuple[float, ...] | None = Field(
         None,
-        description="(a, b, c): P = sigmoid(a * log-odds of the regression + b * vote + c); "
-        "set exactly when neighbours is",
+        description="(a, b_1..b_m, c): P = sigmoid(a * log-odds of the regression + "
+        "b_1 * vote_1 + ... + b_m * vote_m + c), one b per vote; set exactly when there are votes",
     )
 
     # (layer or -1 for length, metric, token mean?, flip to "higher = sparser"?, mean, coef/scale)
@@ -157,6 +159,16 @@ class SupervisedModel(BaseModel):
             for b, (i, mu, w) in blocks.items()
         }
 
+    @field_validator("neighbours", mode="before")
+    @classmethod
+    def _one_vote(cls, value: Any) -> Any:
+        """A file from before several votes: ``null`` or a single vote object."""
+        if value is None:
+            return ()
+        if isinstance(value, (dict, NeighbourVote)):
+            return (value,)
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> SupervisedModel:
         k = len(self.features)
@@ -170,10 +182,20 @@ class SupervisedModel(BaseModel):
                 parse_state_feature(f)
             elif f != LENGTH_FEATURE:
                 parse_feature(f)
-        if (self.neighbours is None) != (self.stack is None):
+        if bool(self.neighbours) != (self.stack is not None):
             raise ValueError("neighbours and stack go together: set both or neither")
-        if self.stack is not None and not all(math.isfinite(v) for v in self.stack):
-            raise ValueError("stack weights must be finite")
+        if self.stack is not None:
+            m = len(self.neighbours)
+            if len(self.stack) != m + 2:
+                raise ValueError(
+                    f"stack has {len(self.stack)} weights; {m} vote(s) need {m + 2} "
+                    "(a for the regression, one b per vote, c)"
+                )
+            if not all(math.isfinite(v) for v in self.stack):
+                raise ValueError("stack weights must be finite")
+        blocks = self.vote_blocks()
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"two votes compare the same hidden vector: {list(blocks)}")
         return self
 
     @classmethod
@@ -185,13 +207,16 @@ class SupervisedModel(BaseModel):
         *,
         l2: float = 1.0,
         cv: dict[str, float] | None = None,
-        neighbours: NeighbourVote | None = None,
-        stack: tuple[float, float, float] | None = None,
+        neighbours: NeighbourVote | Sequence[NeighbourVote] = (),
+        stack: tuple[float, ...] | None = None,
         votes: FloatArray | None = None,
     ) -> SupervisedModel:
-        """Fit the regression on ``X`` (columns: ``features``); with ``neighbours``, stack its
-        ``votes`` on the training rows (leave-one-out) with weights ``stack``."""
+        """Fit the regression on ``X`` (columns: ``features``); with ``neighbours``, stack their
+        ``votes`` on the training rows (leave-one-out; n x m, one column per vote) with weights
+        ``stack``."""
         coef, intercept, mean, scale = fit_logistic(X, y, l2=l2)
+        if isinstance(neighbours, NeighbourVote):
+            neighbours = (neighbours,)
         model = cls(
             features=tuple(features),
             mean=tuple(float(v) for v in mean),
@@ -202,10 +227,10 @@ class SupervisedModel(BaseModel):
             n_train=len(y),
             positives=int(np.sum(y)),
             cv=dict(cv or {}),
-            neighbours=neighbours,
+            neighbours=tuple(neighbours),
             stack=stack,
         )
-        if neighbours is not None and (votes is None or len(votes) != len(y)):
+        if neighbours and (votes is None or len(votes) != len(y)):
             raise ValueError("a model with neighbours needs the training rows' votes")
         p = model.combine(model.log_odds(X), votes)
         quantiles = {f"q{q:g}": float(np.quantile(p, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
@@ -218,17 +243,23 @@ class SupervisedModel(BaseModel):
         return np.asarray(z + self.intercept, dtype=np.float64)
 
     def combine(self, z: FloatArray, votes: FloatArray | None) -> FloatArray:
-        """P from the regression's log-odds ``z`` and, with neighbours, their ``votes``."""
+        """P from the regression's log-odds ``z`` and, with neighbours, their ``votes`` (n x m,
+        one column per vote in :attr:`neighbours` order; a 1-D array for a single vote)."""
         if self.stack is not None:
             if votes is None:
-                raise KeyError(f"the model stacks the {self.block_of_votes()} vote: give votes")
-            a, b, c = self.stack
-            z = a * z + b * np.asarray(votes, dtype=np.float64) + c
+                raise KeyError(f"the model stacks the {list(self.vote_blocks())} votes: give votes")
+            V = np.asarray(votes, dtype=np.float64)
+            if V.ndim == 1:
+                V = V[:, None]
+            if V.shape[1] != len(self.neighbours):
+                raise ValueError(f"{V.shape[1]} vote columns for {len(self.neighbours)} votes")
+            a, *b, c = self.stack
+            z = a * np.asarray(z, dtype=np.float64) + V @ np.asarray(b) + c
         return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -35, 35))))
 
-    def block_of_votes(self) -> str | None:
-        """The hidden vector the neighbour vote compares ("L12.state.mean"), if any."""
-        return self.neighbours.block if self.neighbours is not None else None
+    def vote_blocks(self) -> tuple[str, ...]:
+        """The hidden vectors the neighbour votes compare ("L12.state.mean", ...)."""
+        return tuple(v.block for v in self.neighbours)
 
     def predict_matrix(
         self, X: FloatArray, states: dict[str, NDArray[Any]] | None = None
@@ -236,11 +267,13 @@ class SupervisedModel(BaseModel):
         """P for each row of a feature matrix whose columns follow :attr:`features`; with
         neighbours, ``states`` (as in ``FeatureTable.states``) holds the rows' vectors."""
         votes = None
-        if self.neighbours is not None:
-            key = self.neighbours.key
-            if states is None or key not in states:
-                raise KeyError(f"the neighbour vote needs the {key} hidden vectors")
-            votes = self.neighbours.votes(states[key])
+        if self.neighbours:
+            columns = []
+            for vote in self.neighbours:
+                if states is None or vote.key not in states:
+                    raise KeyError(f"the neighbour vote needs the {vote.key} hidden vectors")
+                columns.append(vote.votes(states[vote.key]))
+            votes = np.column_stack(columns)
         return self.combine(self.log_odds(X), votes)
 
     def vector(self, result: ProbeResult) -> list[float]:
@@ -277,9 +310,11 @@ class SupervisedModel(BaseModel):
                     f"{block}: the model reads coordinate {need - 1}, the probe reports {vec.size}"
                 )
             z += float(w_b @ (vec[idx] - mu_b))
-        if self.neighbours is not None and self.stack is not None:
-            a, b, c = self.stack
-            z = a * z + b * self.neighbours.vote(_state(result, self.neighbours.key)) + c
+        if self.stack is not None:
+            a, *b, c = self.stack
+            z = a * z + c
+            for weight, vote in zip(b, self.neighbours, strict=True):
+                z += weight * vote.vote(_state(result, vote.key))
         return 1.0 / (1.0 + math.exp(-max(-35.0, min(35.0, z))))
 
     def _metric_features(self) -> list[tuple[int, str, str]]:
@@ -298,8 +333,7 @@ class SupervisedModel(BaseModel):
     def state_layers(self) -> tuple[int, ...]:
         """Layers whose hidden vectors the probe must keep (``probe.state_layers``)."""
         layers = {parse_state_feature(f)[0] for f in self.features if is_state_feature(f)}
-        if self.neighbours is not None:
-            layers.add(self.neighbours.layer)
+        layers.update(v.layer for v in self.neighbours)
         return tuple(sorted(layers))
 
     def check_probe(

@@ -239,10 +239,11 @@ def add_calibrate_command(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--neighbours",
-        metavar="BLOCK",
-        help="with --labels: the hidden vector whose nearest labelled prompts vote, stacked with "
-        "the regression, e.g. L12.state.mean; 'none' for the regression alone (default: the token "
-        "mean at 40%% of the probe's depth, router.evaluate.neighbour_block)",
+        metavar="LIST",
+        help="with --labels: the hidden vectors whose nearest labelled prompts vote (one vote "
+        "each, stacked with the regression), e.g. L12.state.mean,L18.state.mean; 'none' for the "
+        "regression alone (default: the token mean at 40%% of the probe's depth, and from 2,500 "
+        "labelled prompts on also the one at 60%%: router.evaluate.neighbour_blocks)",
     )
     parser.add_argument(
         "--neighbours-k",

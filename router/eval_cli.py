@@ -173,21 +173,24 @@ def feature_table(
     state_layers: Sequence[int] = (),
 ) -> FeatureTable:
     """Features of every layer (both positions, perplexity) for ``prompts``, and the hidden
-    vectors of the last layer, of the default neighbour vote's layer and of ``state_layers``,
+    vectors of the last layer, of the default neighbour votes' layers and of ``state_layers``,
     via the cache."""
     from probes.features import extract, parse_state_block
-    from router.evaluate import neighbour_block
+    from router.evaluate import neighbour_blocks
 
     full = all_layer_probe(probe)
-    parsed = parse_state_block(neighbour_block(full.n_layers))
-    assert parsed is not None
+    vote_layers = set()
+    for block in neighbour_blocks(full.n_layers):
+        parsed = parse_state_block(block)
+        assert parsed is not None
+        vote_layers.add(parsed[0])
     return extract(
         full,
         prompts,
         cache_dir=cache,
         progress=progress,
         batch_size=probe.settings.batch_size,
-        state_layers=sorted({full.n_layers, parsed[0], *state_layers}),
+        state_layers=sorted({full.n_layers, *vote_layers, *state_layers}),
     )
 
 
@@ -315,7 +318,7 @@ def run_calibrate_labels(
         parse_state_feature,
     )
     from probes.supervised import LENGTH_FEATURE
-    from router.evaluate import fit_supervised, neighbour_block, supervised_features
+    from router.evaluate import fit_supervised, neighbour_blocks, supervised_features
 
     data = read_labels(args)
     if data.large_better.all() or not data.large_better.any():
@@ -328,9 +331,8 @@ def run_calibrate_labels(
     needed_layers: set[int] = set()
     needed_states: set[int] = set()
     width = probe.loaded.hidden_size
-    neighbours = _neighbour_option(args, neighbour_block(probe.n_layers))
-    if neighbours is not None:
-        needed_states.add(neighbours[0])
+    neighbours = _neighbour_option(args, neighbour_blocks(probe.n_layers, len(data)))
+    needed_states.update(layer for layer, _ in neighbours)
     try:
         features = expand_features(features, width)
         for f in features:
@@ -361,7 +363,7 @@ def run_calibrate_labels(
     table = feature_table(
         probe, data.prompts, args.features_cache, state_layers=sorted(needed_states)
     )
-    if neighbours is not None and args.neighbours_k > len(data) - 1:
+    if neighbours and args.neighbours_k > len(data) - 1:
         raise CalibrationError(
             f"--neighbours-k {args.neighbours_k}: only {len(data)} labelled prompts. Fix: lower "
             "--neighbours-k or give more labels"
@@ -370,7 +372,7 @@ def run_calibrate_labels(
         table,
         data,
         [f for f in features if f != LENGTH_FEATURE],
-        neighbours=neighbours[1] if neighbours is not None else None,
+        neighbours=[block for _, block in neighbours],
         k=args.neighbours_k,
         folds=5,
         seed=args.seed,
@@ -401,13 +403,17 @@ def run_calibrate_labels(
         f"{int(cv.get('folds', 5))}-fold CV APGR {cv.get('apgr', math.nan):.3f}, "
         f"AUROC {cv.get('auroc', math.nan):.3f}, CPT(50%) {cv.get('cpt50', math.nan):.1%}"
     )
-    if model.neighbours is not None and model.stack is not None:
-        vote = model.neighbours
-        a, b, _ = model.stack
-        print(
-            f"neighbour vote: {vote.block}, mean gain of the {vote.k} nearest of {vote.n} "
-            f"labelled prompts; stacked as {a:.2f} x regression log-odds + {b:.2f} x vote"
+    if model.neighbours and model.stack is not None:
+        a, *b, _ = model.stack
+        for vote in model.neighbours:
+            print(
+                f"neighbour vote: {vote.block}, mean gain of the {vote.k} nearest of {vote.n} "
+                "labelled prompts"
+            )
+        terms = " + ".join(
+            f"{w:.2f} x {v.block} vote" for w, v in zip(b, model.neighbours, strict=True)
         )
+        print(f"stacked as {a:.2f} x regression log-odds + {terms}")
     quant = ", ".join(f"{k} {v:.3f}" for k, v in model.p_quantiles.items())
     print(f"p_large on the labelled prompts: {quant}")
     s = serving.settings
@@ -424,20 +430,28 @@ def run_calibrate_labels(
     return base.model_copy(update={"supervised": model})
 
 
-def _neighbour_option(args: argparse.Namespace, default: str) -> tuple[int, str] | None:
-    """(layer, block) of ``--neighbours`` (``default`` when not given; None for 'none')."""
+def _neighbour_option(args: argparse.Namespace, default: Sequence[str]) -> list[tuple[int, str]]:
+    """(layer, block) per vote of ``--neighbours`` (a comma-separated list; ``default`` when not
+    given; empty for 'none')."""
     from probes.features import parse_state_block
 
-    text = getattr(args, "neighbours", None) or default
+    given = getattr(args, "neighbours", None)
+    text = given if given is not None else ",".join(default)
     if text.strip().lower() == "none":
-        return None
-    try:
-        parsed = parse_state_block(text.strip())
-    except ValueError:
-        parsed = None
-    if parsed is None:
-        raise CalibrationError(
-            f"--neighbours {text!r} must name a hidden vector, 'L<layer>.state.<last|mean>' "
-            "(e.g. L12.state.mean), or be 'none'"
-        )
-    return parsed[0], text.strip()
+        return []
+    out: list[tuple[int, str]] = []
+    items = [item.strip() for item in text.split(",")]
+    for item in items:
+        try:
+            parsed = parse_state_block(item)
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            raise CalibrationError(
+                f"--neighbours {item!r} must name a hidden vector, 'L<layer>.state.<last|mean>' "
+                "(e.g. L12.state.mean, or a list: L12.state.mean,L18.state.mean), or be 'none'"
+            )
+        if any(block == item for _, block in out):
+            raise CalibrationError(f"--neighbours names {item} twice. Fix: name each block once")
+        out.append((parsed[0], item))
+    return out

@@ -15,7 +15,7 @@ CPT(80%) and the AUROC of the score for "the large model does better" (definitio
 - ``probe LR``: the supervised calibration's recipe (:func:`supervised_features`): the same
   plus the probe's hidden vectors at its last layer (when the table holds them);
 - ``probe LR + kNN``: the default of ``calibrate --labels``: ``probe LR`` stacked with the
-  nearest-neighbour vote (:mod:`probes.neighbours`) on :func:`neighbour_block`'s vectors, the
+  nearest-neighbour votes (:mod:`probes.neighbours`) on :func:`neighbour_blocks`' vectors, the
   stacking weights fitted on out-of-fold values inside each training fold.
 
 Trained routers are scored by stratified k-fold cross-validation (their L2 strength chosen by an
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GRID",
     "L2_GRID",
+    "SECOND_VOTE_FROM",
     "SUPERVISED_FEATURES",
     "EvalReport",
     "RouterScores",
@@ -62,7 +63,7 @@ __all__ = [
     "evaluate",
     "fit_supervised",
     "fold_ids",
-    "neighbour_block",
+    "neighbour_blocks",
     "plot_report",
     "sparsity_features",
     "supervised_features",
@@ -112,10 +113,21 @@ def supervised_features(n_layers: int) -> tuple[str, ...]:
 SUPERVISED_FEATURES: tuple[str, ...] = supervised_features(30)
 
 
-def neighbour_block(n_layers: int) -> str:
-    """The hidden vector the default neighbour vote compares: the token mean at 40% of the depth
-    (layer 12 of 30; bench/routing_states.py found layer 12 best of 6, 12, 18, 24, 30)."""
-    return f"L{max(1, round(0.4 * n_layers))}.{STATE}.mean"
+#: Labelled prompts from which the default stacks a second neighbour vote (see
+#: :func:`neighbour_blocks`).
+SECOND_VOTE_FROM: Final = 2500
+
+
+def neighbour_blocks(n_layers: int, n_labelled: int | None = None) -> tuple[str, ...]:
+    """The hidden vectors the default neighbour votes compare, for ``n_labelled`` labelled
+    prompts (None: every block the default may use): the token mean at 40% of the depth (layer
+    12 of 30), and from :data:`SECOND_VOTE_FROM` labelled prompts on also the one at 60% (layer
+    18). bench/routing_states.py found layer 12 the best single vote of 6, 12, 18, 24, 30; the
+    second vote adds on MMLU with 3,000 labelled prompts and more (+0.004 to +0.016 APGR), and
+    costs a little with 1,319 (GSM8K) and 2,000 (bench/results/routing_eval.md, follow-up 6)."""
+    shares = (0.4,) if n_labelled is not None and n_labelled < SECOND_VOTE_FROM else (0.4, 0.6)
+    layers = dict.fromkeys(max(1, round(f * n_layers)) for f in shares)
+    return tuple(f"L{layer}.{STATE}.mean" for layer in layers)
 
 
 @dataclass(slots=True)
@@ -243,50 +255,57 @@ def _inner_fit(
     return best, best_oof
 
 
-def _stack_weights(
-    z: FloatArray, votes: FloatArray, y: NDArray[np.bool_]
-) -> tuple[float, float, float]:
-    """(a, b, c) of P = sigmoid(a * z + b * vote + c), fitted on out-of-fold values."""
+def _stack_weights(z: FloatArray, votes: FloatArray, y: NDArray[np.bool_]) -> tuple[float, ...]:
+    """(a, b_1..b_m, c) of P = sigmoid(a * z + sum b_i * vote_i + c), fitted on out-of-fold
+    values (``votes``: n x m)."""
     coef, b, mean, scale = fit_logistic(np.column_stack([z, votes]), y, l2=1.0)
     w = coef / scale
-    return float(w[0]), float(w[1]), float(b - w @ mean)
+    return (*(float(v) for v in w), float(b - w @ mean))
 
 
 def _fit_stacked(
     X: FloatArray,
     names: Sequence[str],
-    vectors: NDArray[np.float32],
+    vectors: Sequence[NDArray[np.float32]],
     data: OutcomeSet,
-    block: str,
+    blocks: Sequence[str],
     k: int,
 ) -> SupervisedModel:
-    """Regression (L2 by inner CV) + neighbour vote on every row of ``X``, stacked on the inner
-    CV's out-of-fold log-odds and the leave-one-out votes."""
+    """Regression (L2 by inner CV) + one neighbour vote per block (``vectors`` in the same
+    order) on every row of ``X``, stacked on the inner CV's out-of-fold log-odds and the
+    leave-one-out votes."""
     y = data.large_better
     l2, oof = _inner_fit(X, y, data.small, data.large)
-    vote = NeighbourVote.fit(vectors, data.large - data.small, block, k=k)
-    loo = vote.votes(vectors, exclude=np.arange(len(y)))
+    votes = [
+        NeighbourVote.fit(v, data.large - data.small, block, k=k)
+        for v, block in zip(vectors, blocks, strict=True)
+    ]
+    own = np.arange(len(y))
+    loo = np.column_stack(
+        [vote.votes(v, exclude=own) for vote, v in zip(votes, vectors, strict=True)]
+    )
     stack = _stack_weights(oof, loo, y)
-    return SupervisedModel.fit(X, y, names, l2=l2, neighbours=vote, stack=stack, votes=loo)
+    return SupervisedModel.fit(X, y, names, l2=l2, neighbours=votes, stack=stack, votes=loo)
 
 
 def _cv_stacked(
     name: str,
     X: FloatArray,
     names: Sequence[str],
-    vectors: NDArray[np.float32],
+    vectors: Sequence[NDArray[np.float32]],
     data: OutcomeSet,
     folds: IntArray,
-    block: str,
+    blocks: Sequence[str],
     k: int,
     note: str,
 ) -> RouterScores:
     r = RouterScores(name, trained=True, note=note)
-    key = _block_key(block)
+    keys = [_block_key(block) for block in blocks]
     for f in range(int(folds.max()) + 1):
         tr, te = folds != f, folds == f
-        model = _fit_stacked(X[tr], names, vectors[tr], data.subset(np.flatnonzero(tr)), block, k)
-        p = model.predict_matrix(X[te], {key: vectors[te]})
+        sub = data.subset(np.flatnonzero(tr))
+        model = _fit_stacked(X[tr], names, [v[tr] for v in vectors], sub, blocks, k)
+        p = model.predict_matrix(X[te], {key: v[te] for key, v in zip(keys, vectors, strict=True)})
         _score_fold(r, p, data.small[te], data.large[te])
     return r
 
@@ -407,21 +426,25 @@ def evaluate(
     for name, names, note in trained:
         X, cols = supervised_matrix(table, names)
         routers.append(_cv_logistic(name, X, data, fold, note.format(k=len(cols))))
-    block = neighbour_block(depth)
-    if features is None and len(trained) == 2 and _block_key(block) in table.states:
+    blocks = neighbour_blocks(depth, len(data))
+    if (
+        features is None
+        and len(trained) == 2
+        and all(_block_key(b) in table.states for b in blocks)
+    ):
         X, cols = supervised_matrix(table, trained[1][1])
         routers.append(
             _cv_stacked(
                 "probe LR + kNN",
                 X,
                 cols,
-                _block_vectors(table, block),
+                [_block_vectors(table, b) for b in blocks],
                 data,
                 fold,
-                block,
+                blocks,
                 DEFAULT_K,
                 f"probe LR stacked with the mean gain of the {DEFAULT_K} nearest training "
-                f"prompts ({block})",
+                f"prompts ({', '.join(blocks)})",
             )
         )
     routers.append(oracle_r)
@@ -444,23 +467,27 @@ def fit_supervised(
     data: OutcomeSet,
     features: Sequence[str] = SUPERVISED_FEATURES,
     *,
-    neighbours: str | None = None,
+    neighbours: Sequence[str] = (),
     k: int = DEFAULT_K,
     folds: int = 5,
     seed: int = 0,
 ) -> SupervisedModel:
-    """Fit the supervised model on all rows (L2 by inner CV), with the neighbour vote on the
-    ``neighbours`` block ("L12.state.mean") stacked in when given; its k-fold CV scores attached."""
+    """Fit the supervised model on all rows (L2 by inner CV), with one neighbour vote per block
+    of ``neighbours`` (("L12.state.mean", "L18.state.mean")) stacked in when given; its k-fold
+    CV scores attached."""
+    blocks = (neighbours,) if isinstance(neighbours, str) else tuple(neighbours)
+    if len(set(blocks)) != len(blocks):
+        raise ValueError(f"a neighbour block is named twice: {list(blocks)}")
     X, names = supervised_matrix(table, features)
     y = data.large_better
     fold = fold_ids(data.small, data.large, folds, seed)
-    if neighbours is None:
+    if not blocks:
         cv = _cv_logistic("probe LR", X, data, fold, "")
         model = SupervisedModel.fit(X, y, names, l2=_inner_l2(X, y, data.small, data.large))
     else:
-        vectors = _block_vectors(table, neighbours)
-        cv = _cv_stacked("probe LR + kNN", X, names, vectors, data, fold, neighbours, k, "")
-        model = _fit_stacked(X, names, vectors, data, neighbours, k)
+        vectors = [_block_vectors(table, b) for b in blocks]
+        cv = _cv_stacked("probe LR + kNN", X, names, vectors, data, fold, blocks, k, "")
+        model = _fit_stacked(X, names, vectors, data, blocks, k)
     scores = {
         "folds": float(folds),
         "apgr": cv.mean("apgr"),

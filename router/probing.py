@@ -96,7 +96,7 @@ class ProbeService:
         ).encode()
         self._flights: dict[str, _Flight] = {}
         supervised = calibration.supervised if calibration is not None else None
-        self._vote_off_loop = supervised is not None and supervised.neighbours is not None
+        self._vote_off_loop = supervised is not None and bool(supervised.neighbours)
         # Batching off is a batch of one, still on one dedicated worker thread: forward passes
         # from changing threads each start their own OpenMP team, and idle teams spinning
         # beside the busy one cut throughput several-fold (bench/probe_throughput.py).

@@ -106,16 +106,17 @@ def test_vllm_example() -> None:
 
 
 def test_supervised_example_feeds_the_default_recipe() -> None:
-    from router.evaluate import neighbour_block, supervised_features
+    from router.evaluate import neighbour_blocks, supervised_features
 
     s = load_settings(EXAMPLES / "supervised.yaml")
     probe = s.probe
-    assert probe.state_layers == (12, 30) and probe.token_mean and probe.score_layer == 10
+    assert probe.state_layers == (12, 18, 30) and probe.token_mean and probe.score_layer == 10
     recipe = supervised_features(30)
     metric_layers = {int(f.split(".")[0][1:]) for f in recipe if ".state." not in f}
     assert metric_layers <= set(probe.layers)
     assert {int(f.split(".")[0][1:]) for f in recipe if ".state." in f} == {30}
-    assert neighbour_block(30) == "L12.state.mean"  # the vote's vectors: layer 12
+    # the votes' vectors: layer 12, and layer 18 from 2,500 labelled prompts on
+    assert neighbour_blocks(30) == ("L12.state.mean", "L18.state.mean")
     rule = s.policies["default"].rules[0]
     assert rule.when.p_large is not None and rule.route == "large"
     assert s.calibration_path() == EXAMPLES / "supervised.json"

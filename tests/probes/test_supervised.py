@@ -282,7 +282,7 @@ def test_neighbour_vote_is_stacked_into_p_large() -> None:
     z = model.log_odds(X)
     votes = vote.votes(six)
     assert p_all == pytest.approx(1 / (1 + np.exp(-(0.5 * z + 4.0 * votes - 2.0))))
-    assert model.state_layers() == (4, 6) and model.block_of_votes() == "L6.state.mean"
+    assert model.state_layers() == (4, 6) and model.vote_blocks() == ("L6.state.mean",)
     # quantiles come from the leave-one-out votes, not from each prompt voting for itself
     p_loo = 1 / (1 + np.exp(-(0.5 * z + 4.0 * loo - 2.0)))
     assert model.p_quantiles["q0.5"] == pytest.approx(float(np.quantile(p_loo, 0.5)))
@@ -307,4 +307,74 @@ def test_neighbour_vote_is_stacked_into_p_large() -> None:
     with pytest.raises(ValueError, match="neighbours and stack go together"):
         SupervisedModel.model_validate({**model.model_dump(), "stack": None})
     with pytest.raises(ValueError, match="needs the training rows' votes"):
-        SupervisedModel.fit(X, y, STATE_FEATURES, neighbours=vote, stack=(1.0, 1.0, 0.0))
+        SupervisedModel.fit(X, y, STATE_FEATURES, neighbours=[vote], stack=(1.0, 1.0, 0.0))
+    # a file written before several votes (one vote object, not a list) reads the same
+    legacy = model.model_dump(mode="json")
+    legacy["neighbours"] = legacy["neighbours"][0]
+    old = SupervisedModel.model_validate_json(json.dumps(legacy))
+    assert old.vote_blocks() == ("L6.state.mean",) and old.stack == model.stack
+    assert [old.predict(r) for r in results[:10]] == pytest.approx(p_one[:10], abs=1e-12)
+    none = {**model.model_dump(mode="json"), "neighbours": None, "stack": None}
+    assert SupervisedModel.model_validate(none).neighbours == ()
+
+
+def test_two_votes_are_stacked_each_with_its_weight() -> None:
+    """Votes on L6's and L8's token means: P = sigmoid(a z + b6 vote6 + b8 vote8 + c) for a
+    table and for one live result alike; the probe keeps both layers; a stack whose length does
+    not match the votes, or two votes on one block, are refused by name."""
+    from probes.neighbours import NeighbourVote
+
+    rng = np.random.default_rng(6)
+    results = []
+    for _ in range(150):
+        r = state_result(rng)
+        assert r.states is not None
+        extra = {
+            key: tuple(float(np.float32(x)) for x in rng.normal(size=WIDTH))
+            for key in ("L6.mean", "L8.mean")
+        }
+        results.append(dataclasses.replace(r, states={**r.states, **extra}))
+    X = matrix(uniform_model(STATE_FEATURES, 0.0), results)
+    V = {
+        key: np.array([r.states[key] for r in results], dtype=np.float32)  # type: ignore[index]
+        for key in ("L6.mean", "L8.mean")
+    }
+    gains = np.where((V["L6.mean"][:, 0] > 0) & (V["L8.mean"][:, 1] > 0), 1.0, 0.0)
+    votes = [
+        NeighbourVote.fit(V["L6.mean"], gains, "L6.state.mean", k=7),
+        NeighbourVote.fit(V["L8.mean"], gains, "L8.state.mean", k=9),
+    ]
+    own = np.arange(len(results))
+    loo = np.column_stack(
+        [votes[0].votes(V["L6.mean"], exclude=own), votes[1].votes(V["L8.mean"], exclude=own)]
+    )
+    stack = (0.5, 3.0, -1.5, 0.25)
+    model = SupervisedModel.fit(
+        X, gains > 0, STATE_FEATURES, neighbours=votes, stack=stack, votes=loo
+    )
+    p_one = np.array([model.predict(r) for r in results])
+    p_all = model.predict_matrix(X, V)
+    assert p_one == pytest.approx(p_all, abs=1e-9)
+    z = model.log_odds(X)
+    v6, v8 = votes[0].votes(V["L6.mean"]), votes[1].votes(V["L8.mean"])
+    assert p_all == pytest.approx(1 / (1 + np.exp(-(0.5 * z + 3.0 * v6 - 1.5 * v8 + 0.25))))
+    assert model.vote_blocks() == ("L6.state.mean", "L8.state.mean")
+    assert model.state_layers() == (4, 6, 8) and required_probe([model])["state_layers"] == (
+        4,
+        6,
+        8,
+    )
+    summary = fitted_calibration(model).summary()
+    assert "the vote of the 7 nearest of 150 (L6.state.mean)" in summary
+    assert "the vote of the 9 nearest of 150 (L8.state.mean)" in summary
+    again = SupervisedModel.model_validate_json(model.model_dump_json())
+    assert [again.predict(r) for r in results[:10]] == pytest.approx(p_one[:10], abs=1e-12)
+    dumped = model.model_dump()
+    with pytest.raises(ValueError, match=r"stack has 3 weights; 2 vote\(s\) need 4"):
+        SupervisedModel.model_validate({**dumped, "stack": (1.0, 1.0, 0.0)})
+    with pytest.raises(ValueError, match="two votes compare the same hidden vector"):
+        SupervisedModel.model_validate({**dumped, "neighbours": [dumped["neighbours"][0]] * 2})
+    with pytest.raises(ValueError, match="2 vote columns for 1 votes"):
+        SupervisedModel.fit(
+            X, gains > 0, STATE_FEATURES, neighbours=votes[:1], stack=(1.0, 1.0, 0.0), votes=loo
+        ).combine(z, loo)

@@ -140,13 +140,11 @@ def test_calibrate_labels_round_trip(
     # the default recipe reads the last layer's hidden vectors (64 wide in the tiny model)
     assert sum(f.startswith("L4.state.") for f in model.features) == 2 * 64
     # and stacks the vote of the nearest labelled prompts at layer 2 (40% of 4 layers)
-    assert model.neighbours is not None and model.stack is not None
-    assert (model.neighbours.block, model.neighbours.n, model.neighbours.k) == (
-        "L2.state.mean",
-        60,
-        50,
-    )
+    assert model.stack is not None and len(model.neighbours) == 1
+    vote = model.neighbours[0]
+    assert (vote.block, vote.n, vote.k) == ("L2.state.mean", 60, 50)
     assert "neighbour vote: L2.state.mean, mean gain of the 50 nearest of 60" in text
+    assert "stacked as " in text and " x L2.state.mean vote" in text
     assert model.state_layers() == (2, 4)
     assert "apgr" in model.cv
     # the extra layers the model needs do not move the headline score
@@ -211,16 +209,24 @@ def test_calibrate_labels_without_neighbours(
     code, text, err = run([*args, "--neighbours", "none", "--out", str(out)], capsys)
     assert code == 0, err
     model = Calibration.load(out).supervised
-    assert model is not None and model.neighbours is None and model.stack is None
+    assert model is not None and model.neighbours == () and model.stack is None
     assert model.state_layers() == (4,) and "neighbour vote" not in text
     # another block and k
-    args += ["--neighbours", "L3.state.last", "--neighbours-k", "7"]
-    code, text, err = run([*args, "--out", str(out)], capsys)
+    args += ["--neighbours-k", "7", "--out", str(out)]
+    code, text, err = run([*args, "--neighbours", "L3.state.last"], capsys)
     assert code == 0, err
     model = Calibration.load(out).supervised
-    assert model is not None and model.neighbours is not None
-    assert (model.neighbours.block, model.neighbours.k) == ("L3.state.last", 7)
-    assert model.state_layers() == (3, 4)
+    assert model is not None and model.vote_blocks() == ("L3.state.last",)
+    assert model.neighbours[0].k == 7 and model.state_layers() == (3, 4)
+    # two votes, each stacked with its own weight, both layers kept by the serving probe
+    code, text, err = run([*args, "--neighbours", "L1.state.mean, L3.state.last"], capsys)
+    assert code == 0, err
+    model = Calibration.load(out).supervised
+    assert model is not None and model.vote_blocks() == ("L1.state.mean", "L3.state.last")
+    assert model.stack is not None and len(model.stack) == 4
+    assert model.state_layers() == (1, 3, 4) and "state_layers: [1, 3, 4]" in text
+    assert text.count("neighbour vote: ") == 2
+    assert " x L1.state.mean vote + " in text and " x L3.state.last vote" in text
 
 
 @pytest.mark.parametrize(
@@ -229,6 +235,8 @@ def test_calibrate_labels_without_neighbours(
         (["--neighbours", "L2.gini.mean"], "must name a hidden vector, 'L<layer>.state."),
         (["--neighbours", "twelve"], "must name a hidden vector"),
         (["--neighbours", "L9.state.mean"], "outside 0..4"),
+        (["--neighbours", "L2.state.mean,L2.gini.mean"], "'L2.gini.mean' must name a hidden"),
+        (["--neighbours", "L2.state.mean,L2.state.mean"], "names L2.state.mean twice"),
         (["--neighbours-k", "60"], "--neighbours-k 60: only 60 labelled prompts"),
     ],
 )

@@ -13,7 +13,7 @@ from router.evaluate import (
     evaluate,
     fit_supervised,
     fold_ids,
-    neighbour_block,
+    neighbour_blocks,
     sparsity_features,
     supervised_features,
     supervised_matrix,
@@ -211,34 +211,53 @@ def test_probe_lr_reads_the_hidden_vectors() -> None:
         supervised_matrix(table, supervised_features(4))
 
 
+def xor_table(
+    rng: np.random.Generator, n: int, depth: int, rules: dict[int, tuple[int, int]]
+) -> tuple[OutcomeSet, FeatureTable]:
+    """n prompts where the large model does better exactly where, for every layer of ``rules``,
+    the XOR of two coordinates (i, j) of that layer's 4-wide token-mean vector holds; a table of
+    a ``depth``-layer probe with noise features, noise last-layer vectors and those vectors."""
+    width = 4
+    means = {layer: rng.normal(size=(n, width)).astype(np.float32) for layer in rules}
+    small = (rng.random(n) < 0.5).astype(float)
+    large = small.copy()
+    helps = np.ones(n, dtype=bool)
+    for layer, (i, j) in rules.items():
+        helps &= (means[layer][:, i] > 0) ^ (means[layer][:, j] > 0)
+    small[helps], large[helps] = 0.0, 1.0
+    data = OutcomeSet([f"p{i}" for i in range(n)], small, large, ["g"] * n)
+    names = sparsity_features(depth)
+    table = table_for(
+        rng.integers(5, 100, n).astype(np.float64), rng.random((n, len(names))), names
+    )
+    table.states = {
+        f"L{depth}.last": rng.normal(size=(n, width)).astype(np.float32),
+        f"L{depth}.mean": rng.normal(size=(n, width)).astype(np.float32),
+        **{f"L{layer}.mean": m for layer, m in means.items()},
+    }
+    return data, table
+
+
 def test_the_neighbour_vote_finds_what_a_linear_model_cannot() -> None:
     """The large model does better on an XOR of two coordinates of layer 2's token mean (the
     default neighbour block of a 4-layer probe): the stacked router finds it, the regression on
     the same features cannot, and fit_supervised serves it as a calibrated probability."""
     rng = np.random.default_rng(1)
     n, width = 800, 4
-    mean2 = rng.normal(size=(n, width)).astype(np.float32)
-    small = (rng.random(n) < 0.5).astype(float)
-    large = small.copy()
-    helps = (mean2[:, 0] > 0) ^ (mean2[:, 1] > 0)
-    small[helps], large[helps] = 0.0, 1.0
-    data = OutcomeSet([f"p{i}" for i in range(n)], small, large, ["g"] * n)
-    names = sparsity_features(4)
-    table = table_for(
-        rng.integers(5, 100, n).astype(np.float64), rng.random((n, len(names))), names
+    data, table = xor_table(rng, n, 4, {2: (0, 1)})
+    assert neighbour_blocks(4) == ("L2.state.mean",)  # 40% and 60% of 4 layers: both layer 2
+    # SmolLM2's 30 layers: layer 12; from 2,500 labelled prompts on also layer 18
+    assert neighbour_blocks(30, 2499) == ("L12.state.mean",)
+    assert (
+        neighbour_blocks(30, 2500) == neighbour_blocks(30) == ("L12.state.mean", "L18.state.mean")
     )
-    table.states = {
-        "L4.last": rng.normal(size=(n, width)).astype(np.float32),
-        "L4.mean": rng.normal(size=(n, width)).astype(np.float32),
-        "L2.mean": mean2,
-    }
-    assert neighbour_block(4) == "L2.state.mean" and neighbour_block(30) == "L12.state.mean"
     by = {r.name: r for r in evaluate(data, table, folds=5).routers}
     assert by["probe LR + kNN"].trained and "L2.state.mean" in by["probe LR + kNN"].note
     assert by["probe LR + kNN"].mean("auroc") > 0.85
     assert by["probe LR"].mean("auroc") < 0.65
-    model = fit_supervised(table, data, supervised_features(4), neighbours="L2.state.mean", k=20)
-    assert model.neighbours is not None and model.neighbours.n == n and model.neighbours.k == 20
+    model = fit_supervised(table, data, supervised_features(4), neighbours=("L2.state.mean",), k=20)
+    assert len(model.neighbours) == 1
+    assert model.neighbours[0].n == n and model.neighbours[0].k == 20
     assert model.state_layers() == (2, 4)
     assert model.cv["folds"] == 5.0
     assert model.cv["apgr"] > 0.9 * by["oracle"].mean("apgr") > by["probe LR"].mean("apgr") + 0.1
@@ -253,3 +272,53 @@ def test_the_neighbour_vote_finds_what_a_linear_model_cannot() -> None:
     assert "probe LR + kNN" not in {r.name for r in evaluate(data, table, folds=5).routers}
     with pytest.raises(KeyError, match=r"no L2\.mean hidden vectors"):
         fit_supervised(table, data, supervised_features(4), neighbours="L2.state.mean")
+
+
+def test_two_votes_see_what_each_alone_cannot() -> None:
+    """The large model does better where an XOR holds on layer 2's token mean AND another on
+    layer 3's: each vote alone sees half the rule, the two stacked find it, and a block named
+    twice is refused."""
+    rng = np.random.default_rng(2)
+    n, width = 1200, 4
+    data, table = xor_table(rng, n, 4, {2: (0, 1), 3: (2, 3)})
+    recipe = supervised_features(4)
+    both = fit_supervised(table, data, recipe, neighbours=("L2.state.mean", "L3.state.mean"))
+    assert both.vote_blocks() == ("L2.state.mean", "L3.state.mean")
+    assert both.stack is not None and len(both.stack) == 4
+    assert both.stack[1] > 0 and both.stack[2] > 0  # each vote pushes towards "large"
+    single = [fit_supervised(table, data, recipe, neighbours=(b,)) for b in both.vote_blocks()]
+    assert both.cv["auroc"] > max(m.cv["auroc"] for m in single) + 0.05
+    X, _ = supervised_matrix(table, recipe)
+    fresh = {k: rng.normal(size=(300, width)).astype(np.float32) for k in ("L2.mean", "L3.mean")}
+    p = both.predict_matrix(X[:300], {**fresh, "L4.last": table.states["L4.last"][:300]})
+    truth = ((fresh["L2.mean"][:, 0] > 0) ^ (fresh["L2.mean"][:, 1] > 0)) & (
+        (fresh["L3.mean"][:, 2] > 0) ^ (fresh["L3.mean"][:, 3] > 0)
+    )
+    assert p[truth].mean() > p[~truth].mean() + 0.3
+    with pytest.raises(ValueError, match="a neighbour block is named twice"):
+        fit_supervised(table, data, recipe, neighbours=("L2.state.mean", "L2.state.mean"))
+
+
+def test_eval_adds_the_second_vote_from_2500_labelled_prompts() -> None:
+    """A 5-layer probe: eval's stacked router votes on layer 2 alone below 2,500 labelled
+    prompts and on layers 2 and 3 from there on, where it then finds the rule spread over both."""
+    rng = np.random.default_rng(3)
+    n = 2500
+    data, table = xor_table(rng, n, 5, {2: (0, 1), 3: (2, 3)})
+    assert neighbour_blocks(5, n) == ("L2.state.mean", "L3.state.mean")
+    by = {r.name: r for r in evaluate(data, table, folds=5).routers}
+    assert "(L2.state.mean, L3.state.mean)" in by["probe LR + kNN"].note
+    assert by["probe LR + kNN"].mean("auroc") > 0.8
+    rows = np.arange(n - 1)
+    less = FeatureTable(
+        names=table.names,
+        values=table.values[rows],
+        n_tokens=table.n_tokens[rows],
+        truncated=table.truncated[rows],
+        nll=table.nll[rows],
+        states={k: v[rows] for k, v in table.states.items()},
+    )
+    fewer = evaluate(data.subset(rows), less, folds=5).routers
+    stacked = next(r for r in fewer if r.name == "probe LR + kNN")
+    assert "(L2.state.mean)" in stacked.note
+    assert stacked.mean("auroc") < by["probe LR + kNN"].mean("auroc") - 0.05

@@ -1,0 +1,101 @@
+"""One neighbour vote or two? The default's size rule, re-measured on several fold splits.
+
+Run: ``.venv/bin/python bench/second_vote.py [--data DIR] [--sets gsm8k,mmlu-2000,mmlu-14037]
+[--seeds 0,1,2,3]``
+
+For each data set (RouteLLM GSM8K, or MMLU: all prompts or a seeded sample after dropping the
+contaminated ones) and each fold split (the stratified 5-fold split of ``sparsity-router eval``
+with that seed), scores the supervised default ``probe LR + kNN`` twice on the same folds, with
+exactly the product's code path (``router.evaluate``): stacked with the vote on layer 12's token
+mean alone, and with votes on layers 12 and 18 (what :func:`router.evaluate.neighbour_blocks`
+gives from ``SECOND_VOTE_FROM`` labelled prompts on). Prints one markdown row per set and
+split: both APGRs, their difference (the baseline is the one-vote router of the same run) and
+the folds where the second vote helps. Features come from the ``eval`` feature cache (probed
+on first use: ~0.4 s per prompt on 2 cores).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import os
+
+import numpy as np
+
+from bench._data import data_root
+from probes.probe import ProbeSettings, SparsityProbe
+from router import evaluate as E
+from router.eval_cli import feature_table
+from router.outcomes import OutcomeSet, read_outcomes
+
+ONE = ("L12.state.mean",)
+TWO = ("L12.state.mean", "L18.state.mean")
+
+
+def load(name: str, root: Path) -> OutcomeSet:
+    routellm = root / "routellm"
+    if name == "gsm8k":
+        return read_outcomes([routellm / "gsm8k" / "gsm8k_responses.csv"])
+    if not name.startswith("mmlu-"):
+        raise SystemExit(f"--sets: {name!r} is not gsm8k or mmlu-N")
+    n = int(name.split("-", 1)[1])
+    return read_outcomes(
+        [routellm / "mmlu"],
+        exclude=routellm / "mmlu" / "contaminated_prompts.jsonl",
+        sample=n,
+        seed=0,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument("--sets", default="gsm8k,mmlu-2000,mmlu-14037")
+    parser.add_argument("--seeds", default="0,1,2,3", help="fold-split seeds")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = args.data or data_root()
+    probe = SparsityProbe(ProbeSettings())
+    print(
+        "| set | labelled | split seed | one vote (L12) | two votes (L12 + L18) | diff | "
+        "folds helped |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in args.sets.split(","):
+        data = load(name.strip(), root)
+        table = feature_table(probe, data.prompts, None, progress=True, state_layers=[12, 18])
+        X, names = E.supervised_matrix(table, E.supervised_features(probe.n_layers))
+        vectors = {b: E._block_vectors(table, b) for b in TWO}
+        for seed in (int(s) for s in args.seeds.split(",")):
+            folds = E.fold_ids(data.small, data.large, 5, seed)
+            runs = [
+                E._cv_stacked(
+                    "probe LR + kNN",
+                    X,
+                    names,
+                    [vectors[b] for b in blocks],
+                    data,
+                    folds,
+                    blocks,
+                    E.DEFAULT_K,
+                    "",
+                )
+                for blocks in (ONE, TWO)
+            ]
+            diff = np.array(runs[1].apgr) - np.array(runs[0].apgr)
+            print(
+                f"| {name} | {len(data)} | {seed} | {runs[0].mean('apgr'):.3f} | "
+                f"{runs[1].mean('apgr'):.3f} | {diff.mean():+.4f} | "
+                f"{int((diff > 0).sum())} of {diff.size} |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
