@@ -7,8 +7,8 @@ For each data set (RouteLLM GSM8K, or MMLU: all prompts or a seeded sample after
 contaminated ones) and each fold split (the stratified 5-fold split of ``sparsity-router eval``
 with that seed), scores the supervised default ``probe LR + kNN`` twice on the same folds, with
 exactly the product's code path (``router.evaluate``): stacked with the vote on layer 12's token
-mean alone, and with votes on layers 12 and 18 (what :func:`router.evaluate.neighbour_blocks`
-gives from ``SECOND_VOTE_FROM`` labelled prompts on). Prints one markdown row per set and
+mean alone, and with votes on layers 12 and 18 (:func:`router.evaluate.neighbour_blocks` below
+and from ``SECOND_VOTE_FROM`` labelled prompts). Prints one markdown row per set and
 split: both APGRs, their difference (the baseline is the one-vote router of the same run) and
 the folds where the second vote helps. Features come from the ``eval`` feature cache (probed
 on first use: ~0.4 s per prompt on 2 cores).
@@ -32,9 +32,6 @@ from probes.probe import ProbeSettings, SparsityProbe
 from router import evaluate as E
 from router.eval_cli import feature_table
 from router.outcomes import OutcomeSet, read_outcomes
-
-ONE = ("L12.state.mean",)
-TWO = ("L12.state.mean", "L18.state.mean")
 
 
 def load(name: str, root: Path) -> OutcomeSet:
@@ -68,9 +65,11 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for name in args.sets.split(","):
         data = load(name.strip(), root)
-        table = feature_table(probe, data.prompts, None, progress=True, state_layers=[12, 18])
+        table = feature_table(probe, data.prompts, None, progress=True)
         X, names = E.supervised_matrix(table, E.supervised_features(probe.n_layers))
-        vectors = {b: E._block_vectors(table, b) for b in TWO}
+        one = E.neighbour_blocks(probe.n_layers, E.SECOND_VOTE_FROM - 1)
+        two = E.neighbour_blocks(probe.n_layers, E.SECOND_VOTE_FROM)
+        vectors = {b: E._block_vectors(table, b) for b in two}
         for seed in (int(s) for s in args.seeds.split(",")):
             folds = E.fold_ids(data.small, data.large, 5, seed)
             runs = [
@@ -85,7 +84,7 @@ def main() -> int:
                     E.DEFAULT_K,
                     "",
                 )
-                for blocks in (ONE, TWO)
+                for blocks in (one, two)
             ]
             diff = np.array(runs[1].apgr) - np.array(runs[0].apgr)
             print(

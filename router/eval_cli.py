@@ -175,22 +175,17 @@ def feature_table(
     """Features of every layer (both positions, perplexity) for ``prompts``, and the hidden
     vectors of the last layer, of the default neighbour votes' layers and of ``state_layers``,
     via the cache."""
-    from probes.features import extract, parse_state_block
-    from router.evaluate import neighbour_blocks
+    from probes.features import extract
+    from router.evaluate import neighbour_layers
 
     full = all_layer_probe(probe)
-    vote_layers = set()
-    for block in neighbour_blocks(full.n_layers):
-        parsed = parse_state_block(block)
-        assert parsed is not None
-        vote_layers.add(parsed[0])
     return extract(
         full,
         prompts,
         cache_dir=cache,
         progress=progress,
         batch_size=probe.settings.batch_size,
-        state_layers=sorted({full.n_layers, *vote_layers, *state_layers}),
+        state_layers=sorted({full.n_layers, *neighbour_layers(full.n_layers), *state_layers}),
     )
 
 

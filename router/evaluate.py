@@ -64,6 +64,7 @@ __all__ = [
     "fit_supervised",
     "fold_ids",
     "neighbour_blocks",
+    "neighbour_layers",
     "plot_report",
     "sparsity_features",
     "supervised_features",
@@ -125,9 +126,13 @@ def neighbour_blocks(n_layers: int, n_labelled: int | None = None) -> tuple[str,
     18). bench/routing_states.py found layer 12 the best single vote of 6, 12, 18, 24, 30; the
     second vote adds on MMLU with 3,000 labelled prompts and more (+0.004 to +0.016 APGR), and
     costs a little with 1,319 (GSM8K) and 2,000 (bench/results/routing_eval.md, follow-up 6)."""
+    return tuple(f"L{layer}.{STATE}.mean" for layer in neighbour_layers(n_layers, n_labelled))
+
+
+def neighbour_layers(n_layers: int, n_labelled: int | None = None) -> tuple[int, ...]:
+    """The layers of :func:`neighbour_blocks`."""
     shares = (0.4,) if n_labelled is not None and n_labelled < SECOND_VOTE_FROM else (0.4, 0.6)
-    layers = dict.fromkeys(max(1, round(f * n_layers)) for f in shares)
-    return tuple(f"L{layer}.{STATE}.mean" for layer in layers)
+    return tuple(dict.fromkeys(max(1, round(f * n_layers)) for f in shares))
 
 
 @dataclass(slots=True)
