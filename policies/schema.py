@@ -7,11 +7,12 @@ Sections (every model forbids unknown keys)::
     probe:           ProbeSettings (probes.probe) + timeout_s, the gateway's deadline for one probe,
                      + batching {enabled, max_batch, window_ms} (micro-batching)
                      + backend (local | vllm) and vllm {base_url, model, timeout_s}
-    calibration:     path to a calibration JSON (relative to the config file's folder)
+    calibration:     path to a calibration JSON (relative to the config file's folder), and
+                     answer_path: a cascade's answer calibration
     cache:           memory {max_entries, ttl_s}, redis {url, ttl_s, timeout_s, key_prefix} | null
     backends:        name -> openai | local | human            (discriminated on `type`)
     virtual_models:  model name -> {policy}                    (default: auto -> default)
-    policies:        name -> {rules, default, on_probe_error}
+    policies:        name -> {rules, default, on_probe_error, cascade}
     experiments:     A/B tests: [{name, model, key, arms: [{name, policy, weight}], control,
                      enabled}]
     events:          per-request records -> sink (sqlite | jsonl | redis | none)
@@ -58,6 +59,7 @@ __all__ = [
     "BatchingSettings",
     "CacheSettings",
     "CalibrationSettings",
+    "Cascade",
     "Condition",
     "EscalationSettings",
     "EventsSettings",
@@ -322,8 +324,13 @@ class CalibrationSettings(_Model):
     """
 
     path: str | None = None
+    answer_path: str | None = Field(
+        None,
+        description="a supervised calibration fitted on prompts plus the small model's answers "
+        "(calibrate --labels --answer-column): what a policy's cascade reads",
+    )
 
-    @field_validator("path")
+    @field_validator("path", "answer_path")
     @classmethod
     def _not_blank(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
@@ -686,12 +693,38 @@ class Rule(_Model):
         return _as_tuple(v)
 
 
+class CascadeCondition(_Model):
+    """When a cascade escalates: the checked answer's P(the large model does better)."""
+
+    p_large: PercentileBand
+
+
+class Cascade(_Model):
+    """Check ``backend``'s answers before returning them.
+
+    A request the policy sends to ``backend`` is answered by it first (non-streaming); the probe
+    then reads the prompt plus that answer, and the answer calibration (``calibration.
+    answer_path``) gives P(the large model does better). When P lies in ``when`` the request is
+    sent to ``escalate_to`` (streamed if the client asked), otherwise the first answer is
+    returned (as a stream if the client asked for one).
+    """
+
+    backend: str = Field(description="the backend whose answers are checked (the small model)")
+    escalate_to: str = Field(description="the backend asked instead when the check fails")
+    when: CascadeCondition = Field(description="escalate when the answer's P lies in this band")
+    on_probe_error: Literal["keep", "escalate"] = Field(
+        "keep", description="when the answer cannot be probed: return it, or escalate"
+    )
+
+
 class Policy(_Model):
-    """Ordered rules, the action when none matches, and the backend used when the probe fails."""
+    """Ordered rules, the action when none matches, and the backend used when the probe fails;
+    optionally a cascade that checks one backend's answers."""
 
     rules: tuple[Rule, ...] = ()
     default: Action
     on_probe_error: str = Field(description="backend for requests whose probe failed")
+    cascade: Cascade | None = None
 
     @field_validator("rules")
     @classmethod
@@ -1178,6 +1211,36 @@ class Settings(_Model):
                 problems.append(
                     ((*base, "on_probe_error"), self._unknown_backend(policy.on_probe_error))
                 )
+            if policy.cascade is not None:
+                problems.extend(self._check_cascade((*base, "cascade"), policy.cascade))
+        return problems
+
+    def _check_cascade(self, loc: Loc, cascade: Cascade) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        for field in ("backend", "escalate_to"):
+            name = getattr(cascade, field)
+            if name not in self.backends:
+                problems.append(((*loc, field), self._unknown_backend(name)))
+            elif isinstance(self.backends[name], HumanBackend):
+                problems.append(
+                    (
+                        (*loc, field),
+                        f"{name!r} is a human backend; a cascade checks and escalates between "
+                        "model backends (route to a human with a rule instead)",
+                    )
+                )
+        if cascade.backend == cascade.escalate_to:
+            problems.append(
+                ((*loc, "escalate_to"), "escalate_to must differ from the checked backend")
+            )
+        if self.calibration.answer_path is None:
+            problems.append(
+                (
+                    loc,
+                    "a cascade needs an answer calibration: set calibration.answer_path to a "
+                    "file from `sparsity-router calibrate --labels FILE --answer-column NAME`",
+                )
+            )
         return problems
 
     def _check_models(self) -> list[tuple[Loc, str]]:
@@ -1280,6 +1343,11 @@ class Settings(_Model):
     def calibration_path(self) -> Path | None:
         """The calibration file to load, resolved (None when no calibration is configured)."""
         path = self.calibration.path
+        return None if path is None else self.resolve_path(path)
+
+    def answer_calibration_path(self) -> Path | None:
+        """The cascades' answer calibration, resolved (None when not configured)."""
+        path = self.calibration.answer_path
         return None if path is None else self.resolve_path(path)
 
     def local_model(self, backend: str) -> str:

@@ -402,6 +402,12 @@ class Calibration(_Value):
                     else ""
                 )
             )
+            if model.reads == "answer":
+                lines.append(
+                    "it reads the prompt plus the small model's answer: a cascade's check of "
+                    "that answer (a policy's cascade, config key calibration.answer_path); it "
+                    "cannot route prompts"
+                )
         return "\n".join(lines)
 
 

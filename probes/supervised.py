@@ -19,6 +19,10 @@ log-odds and ``(a, b_1..b_m, c)`` (:attr:`SupervisedModel.stack`) a logistic reg
 out-of-fold values. A calibration file written with one vote (``"neighbours": {...}``,
 ``"stack": [a, b, c]``) reads as a one-vote model.
 
+A model fitted on prompts followed by the small model's answers (:attr:`SupervisedModel.reads`
+``"answer"``) is a cascade's check of that answer; it cannot route a prompt alone. Files
+written before the field existed read as ``"prompt"``.
+
 It is stored as plain JSON (feature names, means, scales, coefficients; no pickle) inside the
 calibration file and carries the probe fingerprint it was fitted with. Applying it to a live
 :class:`~probes.probe.ProbeResult` is a dot product (a few dozen numbers for the sparsity
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -122,6 +126,11 @@ class SupervisedModel(BaseModel):
         None,
         description="(a, b_1..b_m, c): P = sigmoid(a * log-odds of the regression + "
         "b_1 * vote_1 + ... + b_m * vote_m + c), one b per vote; set exactly when there are votes",
+    )
+    reads: Literal["prompt", "answer"] = Field(
+        "prompt",
+        description="what the probe read when it was fitted: the prompt, or the prompt plus the "
+        "small model's answer (a cascade's check)",
     )
 
     # (layer or -1 for length, metric, token mean?, flip to "higher = sparser"?, mean, coef/scale)

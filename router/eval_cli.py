@@ -4,6 +4,10 @@ Both read outcome data (:mod:`router.outcomes`) and probe its prompts once, at e
 probe model, both positions, with the model's perplexity of the prompt and its hidden vectors at
 the last layer, through the on-disk feature cache (:mod:`probes.features`): re-running either is
 fast, and ``calibrate --labels`` after ``eval`` on the same prompts probes nothing.
+
+With ``--answer-column`` the probe reads each prompt followed by the small model's answer (a
+user/assistant conversation, :attr:`router.outcomes.OutcomeSet.probe_inputs`) instead of the
+prompt: a cascade router, which checks the small model's answer before returning it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from probes.errors import CalibrationError
 if TYPE_CHECKING:
     from probes.calibration import Calibration
     from probes.features import FeatureTable
-    from probes.probe import ProbeResult, SparsityProbe
+    from probes.probe import ProbeInput, ProbeResult, SparsityProbe
     from probes.supervised import SupervisedModel
     from router.outcomes import OutcomeSet
 
@@ -60,6 +64,13 @@ def add_label_options(parser: argparse.ArgumentParser, *, flag: str, required: b
         default=DEFAULT_LARGE,
         metavar="NAME",
         help="the large model's outcome (default: %(default)s)",
+    )
+    group.add_argument(
+        "--answer-column",
+        metavar="NAME",
+        help="the small model's answer text: probe prompt + answer, i.e. evaluate/fit a cascade "
+        "router that checks the small model's answer before returning it (RouteLLM: "
+        f"{DEFAULT_SMALL}_response)",
     )
     group.add_argument(
         "--exclude",
@@ -114,6 +125,7 @@ def read_labels(args: argparse.Namespace) -> OutcomeSet:
         prompt_col=args.prompt_column,
         small_col=args.small_column,
         large_col=args.large_column,
+        answer_col=args.answer_column,
         exclude=args.exclude,
         sample=args.sample,
         seed=args.seed,
@@ -166,15 +178,15 @@ def probe_feeding(probe: SparsityProbe, model: SupervisedModel) -> SparsityProbe
 
 def feature_table(
     probe: SparsityProbe,
-    prompts: Sequence[str],
+    prompts: Sequence[ProbeInput],
     cache: Path | None,
     *,
     progress: bool = True,
     state_layers: Sequence[int] = (),
 ) -> FeatureTable:
-    """Features of every layer (both positions, perplexity) for ``prompts``, and the hidden
-    vectors of the last layer, of the default neighbour votes' layers and of ``state_layers``,
-    via the cache."""
+    """Features of every layer (both positions, perplexity) for ``prompts`` (texts or chat
+    conversations), and the hidden vectors of the last layer, of the default neighbour votes'
+    layers and of ``state_layers``, via the cache (keyed by the rendered input)."""
     from probes.features import extract
     from router.evaluate import neighbour_layers
 
@@ -220,14 +232,23 @@ def _run_eval(args: argparse.Namespace) -> int:
             "labelled prompts or lower --folds"
         )
     calibration = Calibration.load(args.calibration) if args.calibration else None
+    reads = "prompt" if args.answer_column is None else "answer"
+    model = calibration.supervised if calibration is not None else None
+    if model is not None and model.reads != reads:
+        raise CalibrationError(_reads_mismatch(args.calibration, model.reads))
     probe = _build_probe(args)
     if calibration is not None:
         calibration.check_fingerprint(probe.fingerprint(), source=args.calibration)
     print(f"{len(data)} labelled prompts; probing (cached in the feature cache) ...", flush=True)
-    model = calibration.supervised if calibration is not None else None
+    if reads == "answer":
+        print(
+            f"the probe reads each prompt plus the small model's answer ({args.answer_column}): "
+            "a cascade router, checking that answer before returning it",
+            flush=True,
+        )
     table = feature_table(
         probe,
-        data.prompts,
+        data.probe_inputs,
         args.features_cache,
         state_layers=model.state_layers() if model is not None else (),
     )
@@ -250,6 +271,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         payload = {
             "n": report.n,
             "folds": report.folds,
+            "reads": reads,
             "small_accuracy": report.small_accuracy,
             "large_accuracy": report.large_accuracy,
             "routers": {
@@ -261,6 +283,20 @@ def _run_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
     return 0
+
+
+def _reads_mismatch(source: str, fitted: str) -> str:
+    if fitted == "answer":
+        return (
+            f"calibration {source} was fitted on prompts plus the small model's answers (a "
+            "cascade's check) but --answer-column is not given, so the probe reads the prompts "
+            "alone. Fix: give --answer-column NAME, or a calibration fitted without it"
+        )
+    return (
+        f"calibration {source} was fitted on prompts alone but --answer-column makes the probe "
+        "read prompts plus the small model's answers. Fix: leave out --answer-column, or give a "
+        "calibration fitted with calibrate --labels ... --answer-column NAME"
+    )
 
 
 def _finite(x: float) -> float | None:
@@ -355,8 +391,15 @@ def run_calibrate_labels(
             f"{probe.settings.model}"
         )
     print(f"{len(data)} labelled prompts; probing (cached in the feature cache) ...", flush=True)
+    if data.answers is not None:
+        print(
+            f"the probe reads each prompt plus the small model's answer ({args.answer_column}): "
+            "this calibration is for a policy's cascade (config key calibration.answer_path) and "
+            "cannot route prompts",
+            flush=True,
+        )
     table = feature_table(
-        probe, data.prompts, args.features_cache, state_layers=sorted(needed_states)
+        probe, data.probe_inputs, args.features_cache, state_layers=sorted(needed_states)
     )
     if neighbours and args.neighbours_k > len(data) - 1:
         raise CalibrationError(
@@ -372,6 +415,8 @@ def run_calibrate_labels(
         folds=5,
         seed=args.seed,
     )
+    if data.answers is not None:
+        model = model.model_copy(update={"reads": "answer"})
     # The probe that serves this calibration must measure the model's features.
     serving = probe_feeding(probe, model)
     if args.reference:

@@ -4,7 +4,9 @@ Records are plain JSON-able dicts with a ``kind``:
 
 - ``request``: one per completions request: ``request_id, time, endpoint, model, stream,
   experiment, arm, policy, rule, backend, score, percentile, cache, latency_s, ttft_s,
-  prompt_tokens, completion_tokens, status, cost`` (unknown values are None);
+  prompt_tokens, completion_tokens, status, cost, cascade, answer_p_large`` (unknown values are
+  None; ``cascade``: kept / escalated / skipped when a policy's cascade checked the answer, whose
+  P is ``answer_p_large``; an escalated request's cost includes the checked answer's);
 - ``feedback``: ``request_id, time, score, label`` (from ``POST /v1/feedback``).
 
 The request path calls :meth:`EventLog.record`, a non-blocking ``put_nowait`` on a bounded
@@ -68,6 +70,8 @@ REQUEST_FIELDS: dict[str, str] = {
     "completion_tokens": "INTEGER",
     "status": "INTEGER",
     "cost": "REAL",
+    "cascade": "TEXT",
+    "answer_p_large": "REAL",
 }
 FEEDBACK_FIELDS: tuple[str, ...] = ("request_id", "time", "score", "label")
 
@@ -100,6 +104,10 @@ class SQLiteSink:
         self._db.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{name} {kind}" for name, kind in REQUEST_FIELDS.items())
         self._db.execute(f"CREATE TABLE IF NOT EXISTS requests ({columns})")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}
+        for name, kind in REQUEST_FIELDS.items():  # a file written by an older version
+            if name not in have:
+                self._db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, "
             "request_id TEXT, time REAL, score REAL, label TEXT)"

@@ -46,6 +46,7 @@ class GatewayMetrics:
     config_reloads: Counter
     events_written: Counter
     events_dropped: Counter
+    cascades: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -123,6 +124,13 @@ class GatewayMetrics:
                 "router_events_dropped",
                 "Event records dropped: queue_full (the writer fell behind) or sink_error",
                 ["reason"],
+                registry=r,
+            ),
+            cascades=Counter(
+                "router_cascades",
+                "Answers a policy's cascade checked, by verdict: kept, escalated, skipped "
+                "(not one plain text), escalation_failed (the first answer was returned)",
+                ["verdict"],
                 registry=r,
             ),
         )

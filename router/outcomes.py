@@ -6,6 +6,10 @@ quality in [0, 1]. The defaults are RouteLLM's column names (``prompt``,
 ``mistralai/Mixtral-8x7B-Instruct-v0.1`` = small, ``gpt-4-1106-preview`` = large), so its MMLU and
 GSM8K files work as they are; other names are options. ``exclude`` drops prompts listed in a
 file (RouteLLM's ``contaminated_prompts.jsonl``: objects with ``eval_prompt``, or plain lines).
+
+``answer_col`` also reads the small model's answer text (RouteLLM: ``<small>_response``): the
+probe then reads the prompt and that answer as a conversation (:attr:`OutcomeSet.probe_inputs`),
+which is what a cascade router checks before it returns the small model's answer.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from probes.errors import RouterError
+
+if TYPE_CHECKING:
+    from probes.probe import ProbeInput
 
 __all__ = [
     "DEFAULT_LARGE",
@@ -53,6 +60,7 @@ class OutcomeSet:
     small: FloatArray
     large: FloatArray
     groups: list[str]  # the file each row came from (its stem: MMLU subject)
+    answers: list[str] | None = None  # the small model's answer to each prompt, when read
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -62,6 +70,19 @@ class OutcomeSet:
         """The large model did better than the small one (right where it was wrong)."""
         return np.asarray(self.large > self.small, dtype=bool)
 
+    @property
+    def probe_inputs(self) -> list[ProbeInput]:
+        """What the probe reads: the prompts; with answers, each prompt and the small model's
+        answer (stripped) as a user/assistant conversation (a cascade's check)."""
+        from router.cascade import answer_input  # the gateway's cascade reads the same shape
+
+        if self.answers is None:
+            return list(self.prompts)
+        return [
+            answer_input("chat/completions", [{"role": "user", "content": p}], a)
+            for p, a in zip(self.prompts, self.answers, strict=True)
+        ]
+
     def subset(self, idx: Sequence[int] | NDArray[np.int64]) -> OutcomeSet:
         ids = [int(i) for i in idx]
         return OutcomeSet(
@@ -69,6 +90,7 @@ class OutcomeSet:
             self.small[ids],
             self.large[ids],
             [self.groups[i] for i in ids],
+            None if self.answers is None else [self.answers[i] for i in ids],
         )
 
 
@@ -153,14 +175,17 @@ def read_outcomes(
     prompt_col: str = DEFAULT_PROMPT,
     small_col: str = DEFAULT_SMALL,
     large_col: str = DEFAULT_LARGE,
+    answer_col: str | None = None,
     exclude: str | Path | None = None,
     sample: int | None = None,
     seed: int = 0,
 ) -> OutcomeSet:
     """Read outcome rows from files or folders (in sorted file order, rows as stored).
 
-    ``sample`` keeps a seeded random subset of that many rows, in file order (the same rows
-    as ``bench/_data.read_mmlu`` for RouteLLM's MMLU folder).
+    ``answer_col`` names a column with the small model's answer text (kept in
+    :attr:`OutcomeSet.answers`; none may be empty). ``sample`` keeps a seeded random subset of
+    that many rows, in file order (the same rows as ``bench/_data.read_mmlu`` for RouteLLM's
+    MMLU folder).
     """
     skip_path = Path(exclude).resolve() if exclude is not None else None
     if skip_path is not None and not skip_path.is_file():
@@ -170,28 +195,40 @@ def read_outcomes(
     small: list[float] = []
     large: list[float] = []
     groups: list[str] = []
+    answers: list[str] | None = [] if answer_col is not None else None
+    columns = (prompt_col, small_col, large_col, *(() if answer_col is None else (answer_col,)))
     for path in _files(paths, skip_path):
         for row_no, row in _rows(path):
             where = f"{path}:{row_no}"
-            missing = [c for c in (prompt_col, small_col, large_col) if c not in row]
+            missing = [c for c in columns if c not in row]
             if missing:
                 have = ", ".join(repr(k) for k in row)
+                fix = "name the columns with --prompt-column, --small-column and --large-column"
+                if missing[0] == answer_col:
+                    fix = "give the column of the small model's answer text with --answer-column"
                 raise OutcomeDataError(
-                    f"{where}: no column {missing[0]!r}; the row has {have}. Fix: name the "
-                    "columns with --prompt-column, --small-column and --large-column"
+                    f"{where}: no column {missing[0]!r}; the row has {have}. Fix: {fix}"
                 )
             prompt = row[prompt_col]
             if not isinstance(prompt, str) or not prompt.strip():
                 raise OutcomeDataError(f"{where}: the prompt is empty")
             if prompt in skip:
                 continue
+            if answer_col is not None and answers is not None:
+                answer = row[answer_col]
+                if not isinstance(answer, str) or not answer.strip():
+                    raise OutcomeDataError(
+                        f"{where}: the answer in column {answer_col!r} is empty. Fix: drop the "
+                        "row, or leave out --answer-column to probe the prompts alone"
+                    )
+                answers.append(answer)
             prompts.append(prompt)
             small.append(_value(row[small_col], where, small_col))
             large.append(_value(row[large_col], where, large_col))
             groups.append(path.stem)
     if not prompts:
         raise OutcomeDataError("no outcome rows were read (all excluded or empty files)")
-    out = OutcomeSet(prompts, np.array(small), np.array(large), groups)
+    out = OutcomeSet(prompts, np.array(small), np.array(large), groups, answers)
     if sample is not None and sample < len(out):
         keep = np.sort(np.random.default_rng(seed).choice(len(out), size=sample, replace=False))
         out = out.subset(keep)

@@ -95,8 +95,6 @@ class ProbeService:
             {**probe.fingerprint(), "reports": _reports(probe)}, sort_keys=True
         ).encode()
         self._flights: dict[str, _Flight] = {}
-        supervised = calibration.supervised if calibration is not None else None
-        self._vote_off_loop = supervised is not None and bool(supervised.neighbours)
         # Batching off is a batch of one, still on one dedicated worker thread: forward passes
         # from changing threads each start their own OpenMP team, and idle teams spinning
         # beside the busy one cut throughput several-fold (bench/probe_throughput.py).
@@ -121,13 +119,20 @@ class ProbeService:
         digest.update(json.dumps(item, sort_keys=True, ensure_ascii=False).encode())
         return digest.hexdigest()
 
-    async def measure(self, item: ProbeInput) -> ProbeOutcome:
+    async def measure(
+        self, item: ProbeInput, *, calibration: Calibration | None = None
+    ) -> ProbeOutcome:
+        """The probe result for ``item``, with ``calibration`` (default: the service's) applied.
+
+        The cache holds raw results, so one probe serves several calibrations (a policy's
+        cascade reads prompt-plus-answer inputs with its answer calibration)."""
         start = time.perf_counter()
+        calibration = calibration or self.calibration
         key = self.key(item)
         flight = self._flights.get(key)
         if flight is not None:  # the same prompt is being looked up or probed: wait for it
             await flight.done.wait()
-            return await self._finish(flight.result, flight.cache, start, flight.error)
+            return await self._finish(flight.result, flight.cache, start, flight.error, calibration)
         flight = self._flights[key] = _Flight("miss" if self.cache is not None else "off")
         try:
             if self.cache is not None:
@@ -143,14 +148,20 @@ class ProbeService:
                 flight.error = "cancelled"
             flight.done.set()
             del self._flights[key]
-        return await self._finish(flight.result, flight.cache, start, flight.error)
+        return await self._finish(flight.result, flight.cache, start, flight.error, calibration)
 
     async def _finish(
-        self, result: ProbeResult | None, cache: CacheState, start: float, error: str | None
+        self,
+        result: ProbeResult | None,
+        cache: CacheState,
+        start: float,
+        error: str | None,
+        calibration: Calibration | None,
     ) -> ProbeOutcome:
-        calibration = self.calibration
         if result is not None and calibration is not None:
-            if self._vote_off_loop:  # ~1 ms of numpy per vote: keep the event loop free
+            supervised = calibration.supervised
+            if supervised is not None and supervised.neighbours:
+                # ~1 ms of numpy per vote: keep the event loop free
                 result = await anyio.to_thread.run_sync(calibration.with_percentile, result)
             else:
                 result = calibration.with_percentile(result)

@@ -23,7 +23,7 @@ from probes.errors import RouterError
 from router.auth import KeyRing
 from router.escalations.config import reviewer_keys
 from router.ratelimit import build_rate_limiter
-from router.state import GatewayState
+from router.state import GatewayState, probe_needed
 
 __all__ = ["ReloadOutcome", "reload_state"]
 
@@ -47,7 +47,7 @@ def _rebuild(old: GatewayState, new: Settings) -> GatewayState:
             "(a reload applies policies, experiments, virtual_models and auth)"
         )
     engine = PolicyEngine(new, n_layers=old.engine.n_layers)
-    if old.probe is None and any(engine.needs_probe(p) for p in new.policies):
+    if old.probe is None and probe_needed(new, engine):
         raise ValueError("the new policies need the probe, which is not loaded; restart")
     limiter = old.rate_limiter
     if new.auth.rate_limit != old.settings.auth.rate_limit:

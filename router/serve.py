@@ -68,13 +68,28 @@ def _summary(settings: Settings, source: str) -> list[str]:
             f"  policy {name}: {rules}; default -> {policy.default.route}; "
             f"on probe error -> {policy.on_probe_error}"
         )
+        cascade = policy.cascade
+        if cascade is not None:
+            lines[-1] += (
+                f"; cascade: {cascade.backend}'s answers -> {cascade.escalate_to} when p_large "
+                f"in {cascade.when.p_large.describe()}"
+            )
+    for what, path, fix in _calibrations(settings):
+        state = "found" if path.is_file() else f"MISSING: fit it with sparsity-router {fix}"
+        lines.append(f"  {what} {path} ({state})")
+    return lines
+
+
+def _calibrations(settings: Settings) -> list[tuple[str, Path, str]]:
+    """(what, path, the command that fits it) of each configured calibration file."""
+    out = []
     calibration = settings.calibration_path()
     if calibration is not None:
-        state = (
-            "found" if calibration.is_file() else "MISSING: fit it with sparsity-router calibrate"
-        )
-        lines.append(f"  calibration {calibration} ({state})")
-    return lines
+        out.append(("calibration", calibration, "calibrate"))
+    answers = settings.answer_calibration_path()
+    if answers is not None:
+        out.append(("answer calibration", answers, "calibrate --labels FILE --answer-column NAME"))
+    return out
 
 
 async def _ping(settings: Settings) -> tuple[list[str], bool]:
@@ -105,10 +120,7 @@ def check_config(config: str | None, ping: bool) -> tuple[list[str], int]:
     path = Path(config) if config else default_config_path()
     settings = load_settings(path)
     lines = _summary(settings, str(path))
-    status = 0
-    calibration = settings.calibration_path()
-    if calibration is not None and not calibration.is_file():
-        status = 1
+    status = 0 if all(path.is_file() for _, path, _ in _calibrations(settings)) else 1
     if ping:
         ping_lines, ok = asyncio.run(_ping(settings))
         lines += ping_lines

@@ -17,6 +17,7 @@ from probes.calibration import Calibration
 from probes.errors import CalibrationError
 from probes.model import LoadedModel, load_model
 from probes.probe import SparsityProbe
+from probes.supervised import SupervisedModel
 from router.auth import Caller, KeyRing
 from router.auth import Scope as KeyScope
 from router.backends.base import Backend
@@ -32,7 +33,7 @@ from router.probing import BatchingConfig, ProbeService
 from router.ratelimit import RateLimiter, build_rate_limiter
 from router.remote_probe import RemoteProbe
 
-__all__ = ["GatewayState", "build_state"]
+__all__ = ["GatewayState", "build_state", "probe_needed"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class GatewayState:
     rate_limiter: RateLimiter | None = None
     events: EventLog | None = None
     escalations: EscalationService | None = None  # human backends: router/escalations
+    answer_calibration: Calibration | None = None  # what policies' cascades read
 
     def authorized(self, header: bytes | None) -> bool:
         """Whether ``header`` carries a client-scoped (or admin) key; True with auth off."""
@@ -83,8 +85,11 @@ class GatewayState:
                 logger.exception("closing backend %s failed", backend.name)
 
 
-def _probe_needed(settings: Settings, engine: PolicyEngine) -> bool:
-    return any(engine.needs_probe(name) for name in settings.policies)
+def probe_needed(settings: Settings, engine: PolicyEngine) -> bool:
+    return any(
+        engine.needs_probe(name) or policy.cascade is not None
+        for name, policy in settings.policies.items()
+    )
 
 
 def _event_log(settings: Settings, metrics: GatewayMetrics) -> EventLog | None:
@@ -120,6 +125,37 @@ def _check_supervised(
                 "refit it with sparsity-router calibrate --labels FILE"
             )
         return
+    if model.reads == "answer":
+        raise CalibrationError(
+            f"calibration {source} was fitted on prompts plus the small model's answers "
+            "(--answer-column): it checks answers and cannot route prompts. Fix: name it in "
+            "calibration.answer_path for a policy's cascade, and give calibration.path a "
+            "calibration fitted without --answer-column"
+        )
+    _check_feeds(model, probe, source)
+
+
+def _load_answer_calibration(
+    settings: Settings, probe: SparsityProbe | RemoteProbe
+) -> Calibration | None:
+    """The cascades' calibration: a supervised model fitted on prompt-plus-answer inputs."""
+    path = settings.answer_calibration_path()
+    if path is None:
+        return None
+    calibration = Calibration.load(path, expect_fingerprint=probe.fingerprint())
+    model = calibration.supervised
+    if model is None or model.reads != "answer":
+        raise CalibrationError(
+            f"calibration.answer_path {path} was not fitted on the small model's answers, so "
+            "it cannot check them. Fix: sparsity-router calibrate --labels FILE "
+            "--answer-column NAME (the column holding the small model's answer text)"
+        )
+    _check_feeds(model, probe, str(path))
+    return calibration
+
+
+def _check_feeds(model: SupervisedModel, probe: SparsityProbe | RemoteProbe, source: str) -> None:
+    """Refuse a probe that does not measure what ``model`` reads."""
     try:
         token_mean = probe.settings.token_mean or probe.settings.score_position == "mean"
         model.check_probe(
@@ -136,7 +172,7 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
     """Load the probe (unless given), the calibration and the backends described by ``settings``."""
     metrics = GatewayMetrics.create()
     probe_settings = settings.probe.probe_settings()
-    probe_needed = _probe_needed(settings, PolicyEngine(settings))
+    needs_probe = probe_needed(settings, PolicyEngine(settings))
     needs_local_probe_model = any(
         isinstance(b, LocalBackendSettings)
         and b.share_probe_model
@@ -144,19 +180,21 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         for b in settings.backends.values()
     )
     service: ProbeService | None = None
+    answer_calibration: Calibration | None = None
     remote = None  # probe.backend: vllm measures on a pooling server (router/remote_probe.py)
-    if probe is None and probe_needed and settings.probe.backend == "vllm":
+    if probe is None and needs_probe and settings.probe.backend == "vllm":
         remote = RemoteProbe.from_section(settings.probe)
-    if probe is None and ((probe_needed and remote is None) or needs_local_probe_model):
+    if probe is None and ((needs_probe and remote is None) or needs_local_probe_model):
         probe = SparsityProbe(probe_settings)
     prober: SparsityProbe | RemoteProbe | None = remote or probe
     engine = PolicyEngine(settings, n_layers=prober.n_layers if prober is not None else None)
-    if prober is not None and probe_needed:
+    if prober is not None and needs_probe:
         calibration = None
         path = settings.calibration_path()
         if path is not None:
             calibration = Calibration.load(path, expect_fingerprint=prober.fingerprint())
             _check_supervised(settings, calibration, prober, str(path))
+        answer_calibration = _load_answer_calibration(settings, prober)
         batching = settings.probe.batching
         service = ProbeService(
             prober,
@@ -234,6 +272,7 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         backends=backends,
         metrics=metrics,
         probe=service,
+        answer_calibration=answer_calibration,
         direct_models=direct,
         api_keys=tuple(k.encode() for k in settings.auth.api_keys),
         keys=KeyRing.from_settings(settings.auth, reviewer_keys=reviewer_keys(settings)),

@@ -94,7 +94,8 @@ class FakeUpstream:
     """A fake OpenAI-compatible server (the upstream LLM), steered by ``mode``.
 
     modes: ok | error500 | error400 | stall (never answers) | cut (streams two chunks, then drops
-    the connection) | slow (streams a chunk every 50 ms, 100 chunks).
+    the connection) | slow (streams a chunk every 50 ms, 100 chunks). ``reply(body)``, when set,
+    gives the text of a non-streamed answer (default: "answer from NAME").
     """
 
     name: str = "fake"
@@ -103,6 +104,7 @@ class FakeUpstream:
     disconnects: int = 0
     completed: int = 0
     chunks: int = 3
+    reply: Callable[[dict[str, Any]], str] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -152,7 +154,7 @@ class FakeUpstream:
                 return
 
     def _completion(self, body: dict[str, Any], path: str) -> dict[str, Any]:
-        text = f"answer from {self.name}"
+        text = self.reply(body) if self.reply is not None else f"answer from {self.name}"
         if path.endswith("/completions") and not path.endswith("chat/completions"):
             return {
                 "id": "cmpl-1",

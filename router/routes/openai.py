@@ -19,8 +19,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from policies.engine import Decision, RequestContext
+from policies.schema import Cascade
 from router.asgi import DisconnectWatcher, Receive, Scope, Send, send_json
 from router.backends.base import Endpoint
+from router.cascade import Verdict, answer_input, answer_text, as_sse, without_stream
 from router.dispatch import Dispatched, dispatch
 from router.errors import (
     HTTPError,
@@ -256,23 +258,39 @@ class CompletionsEndpoint:
                 if not client_wants_usage(body) and (asked := request_usage(body)) is not None:
                     body, trace.tap = asked, UsageTap(strip=True)
         try:
-            dispatched = await dispatch(
-                state.backends,
-                chain,
-                self.endpoint,
-                body,
-                stream=routed.parsed.stream,
-            )
+            cascade = _cascade_of(state, d)
+            if cascade is not None:
+                dispatched = await self._cascade(state, routed, cascade, body, trace)
+            else:
+                dispatched = await dispatch(
+                    state.backends,
+                    chain,
+                    self.endpoint,
+                    body,
+                    stream=routed.parsed.stream,
+                )
             answered = dispatched.backend
             state.metrics.upstream_seconds.labels(answered).observe(time.perf_counter() - start)
             for failed in dispatched.fallback_from:
                 state.metrics.fallbacks.labels(failed, answered).inc()
-            headers = routed.headers(answered, dispatched.fallback_from)
+            headers = [*routed.headers(answered, dispatched.fallback_from), *trace.headers()]
             status = 200
             if dispatched.result.stream is None:
                 if state.events is not None:
                     trace.usage = usage_of_body(dispatched.result.body)
-                await send_json(send, 200, dispatched.result.body or b"", headers)
+                if routed.parsed.stream:  # a cascade's kept answer: replayed as a stream
+                    sse = as_sse(self.endpoint, dispatched.result.body or b"", routed.parsed.body)
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": [*_SSE_HEADERS, *headers],
+                        }
+                    )
+                    trace.first_chunk(state, dispatched.backend, start)
+                    await send({"type": "http.response.body", "body": sse, "more_body": False})
+                else:
+                    await send_json(send, 200, dispatched.result.body or b"", headers)
             else:
                 await self._stream(state, dispatched, headers, send, start, trace)
         except asyncio.CancelledError:
@@ -283,6 +301,49 @@ class CompletionsEndpoint:
         finally:
             watcher.stop()
         return status, answered
+
+    async def _cascade(
+        self,
+        state: GatewayState,
+        routed: _Routed,
+        cascade: Cascade,
+        body: dict[str, Any],
+        trace: _Trace,
+    ) -> Dispatched:
+        """Ask the checked backend for one JSON answer, read it with the probe, and return it
+        or the escalation's answer (streamed when the client asked); see router/cascade.py."""
+        d = routed.decision
+        first = await dispatch(
+            state.backends,
+            (d.backend, *d.fallbacks),
+            self.endpoint,
+            without_stream(routed.parsed.body),
+            stream=False,
+        )
+        text = answer_text(self.endpoint, first.result.body)
+        if first.backend != cascade.backend or text is None:  # a fallback answered, or no text
+            return trace.verdict(state, "skipped", first)
+        assert state.probe is not None  # build_state loads it for cascades
+        checked = answer_input(self.endpoint, routed.parsed.probe_input, text)
+        outcome = await state.probe.measure(checked, calibration=state.answer_calibration)
+        p = outcome.result.p_large if outcome.result is not None else None
+        trace.answer_p_large = p
+        if p is None:
+            escalate = cascade.on_probe_error == "escalate"
+        else:
+            escalate = cascade.when.p_large.contains(p)
+        if not escalate:
+            return trace.verdict(state, "kept", first)
+        chain = (cascade.escalate_to, *state.engine.fallback_chain(cascade.escalate_to))
+        try:
+            second = await dispatch(
+                state.backends, chain, self.endpoint, body, stream=routed.parsed.stream
+            )
+        except UpstreamError as exc:  # the checked answer is better than no answer
+            logger.warning("cascade escalation to %s failed: %s", chain[0], exc.message)
+            return trace.verdict(state, "escalation_failed", first)
+        trace.checked_cost = _cost(state, first.backend, usage_of_body(first.result.body))
+        return trace.verdict(state, "escalated", second)
 
     async def _stream(
         self,
@@ -304,8 +365,7 @@ class CompletionsEndpoint:
         try:
             async for chunk in result.stream:
                 if first:
-                    trace.ttft_s = time.perf_counter() - start
-                    state.metrics.ttft_seconds.labels(dispatched.backend).observe(trace.ttft_s)
+                    trace.first_chunk(state, dispatched.backend, start)
                     first = False
                 if tap is not None:
                     chunk = tap.feed(chunk)
@@ -339,6 +399,23 @@ class CompletionsEndpoint:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def _cascade_of(state: GatewayState, decision: Decision) -> Cascade | None:
+    """The cascade that checks this decision's answer, if its policy has one for its backend."""
+    policy = state.settings.policies.get(decision.policy)
+    cascade = policy.cascade if policy is not None else None
+    if cascade is None or cascade.backend != decision.backend or state.probe is None:
+        return None
+    return cascade
+
+
+def _cost(state: GatewayState, backend: str, usage: Usage | None) -> float | None:
+    price = getattr(state.settings.backends.get(backend), "price", None)
+    if price is None or usage is None:
+        return None
+    cost: float | None = price.cost(usage.prompt_tokens, usage.completion_tokens)
+    return cost
+
+
 @dataclass(slots=True)
 class _Trace:
     """What one request's event record needs beyond the routing decision."""
@@ -347,6 +424,27 @@ class _Trace:
     ttft_s: float | None = None
     usage: Usage | None = None
     tap: UsageTap | None = None
+    cascade: Verdict | None = None
+    answer_p_large: float | None = None
+    checked_cost: float | None = None  # an escalated request's first (checked) answer
+
+    def first_chunk(self, state: GatewayState, backend: str, start: float) -> None:
+        """The first chunk of a stream is going out: time to first token."""
+        self.ttft_s = time.perf_counter() - start
+        state.metrics.ttft_seconds.labels(backend).observe(self.ttft_s)
+
+    def verdict(self, state: GatewayState, verdict: Verdict, answer: Dispatched) -> Dispatched:
+        self.cascade = verdict
+        state.metrics.cascades.labels(verdict).inc()
+        return answer
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.cascade is None:
+            return []
+        out = [(b"x-router-cascade", self.cascade.encode())]
+        if self.answer_p_large is not None:
+            out.append((b"x-router-answer-p-large", f"{self.answer_p_large:.4f}".encode()))
+        return out
 
     def record(
         self,
@@ -360,8 +458,9 @@ class _Trace:
         d = routed.decision if routed is not None else None
         result = routed.outcome.result if routed is not None and routed.outcome else None
         usage = self.usage or Usage(None, None)
-        spec = state.settings.backends.get(backend)
-        price = getattr(spec, "price", None)
+        cost = _cost(state, backend, usage)
+        if cost is not None and self.checked_cost is not None:
+            cost += self.checked_cost
         return {
             "kind": "request",
             "request_id": self.request_id,
@@ -382,7 +481,9 @@ class _Trace:
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "status": status,
-            "cost": price.cost(usage.prompt_tokens, usage.completion_tokens) if price else None,
+            "cost": cost,
+            "cascade": self.cascade,
+            "answer_p_large": self.answer_p_large,
         }
 
 
@@ -402,6 +503,7 @@ class RouteEndpoint:
             return
         d = routed.decision
         outcome = routed.outcome
+        cascade = _cascade_of(state, d)  # the answer will be checked before it is returned
         payload = {
             "id": f"route-{uuid.uuid4().hex[:16]}",
             "object": "router.decision",
@@ -415,6 +517,7 @@ class RouteEndpoint:
                 "probe_error": d.probe_error,
                 "experiment": d.experiment,
                 "arm": d.arm,
+                "cascade": None if cascade is None else cascade.model_dump(),
             },
             "probe": None
             if outcome is None

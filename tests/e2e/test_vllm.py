@@ -222,3 +222,76 @@ def test_probe_server_down_goes_to_on_probe_error(
         assert r.json()["usage"]["completion_tokens"] > 0
     finally:
         server.stop()
+
+
+# -- a cascade: the real small model's answer read through the remote probe -------------------
+
+
+def _answer_calibration(local: SparsityProbe, path: Path) -> None:
+    """An answer calibration on layer 10's sparsity + length (what the pooling probe reports):
+    the large model "does better" when the answer ran long. Fitted on reference conversations
+    with answers of 0-79 words."""
+    import numpy as np
+
+    from probes.calibration import Calibration
+    from probes.supervised import LENGTH_FEATURE, SupervisedModel
+    from router.cascade import answer_input
+
+    words = [k % 80 for k in range(0, 160, 2)]
+    inputs = [
+        answer_input(
+            "chat/completions", [{"role": "user", "content": f"Question {i}?"}], "ok " + "word " * k
+        )
+        for i, k in enumerate(words)
+    ]
+    results = local.measure(inputs)
+    names = ("L10.top1_energy.last", LENGTH_FEATURE)
+    X = np.array([[r.value(10, "top1_energy"), np.log(r.n_tokens)] for r in results])
+    model = SupervisedModel.fit(X, np.array(words) >= 30, names, l2=0.01)
+    Calibration.fit(results, local.fingerprint(), min_per_bucket=16).model_copy(
+        update={"supervised": model.model_copy(update={"reads": "answer"})}
+    ).save(path)
+
+
+def test_cascade_checks_the_real_small_answer(
+    vllm_servers: VllmServers, local_probe: SparsityProbe, tmp_path: Path
+) -> None:
+    probe = SparsityProbe(
+        local_probe.settings.model_copy(update={"layers": (10,)}), loaded=local_probe.loaded
+    )
+    _answer_calibration(probe, tmp_path / "answers.json")
+    text = (
+        _gateway_yaml(vllm_servers, vllm_servers.probe.url)
+        .replace(
+            "policies:",
+            'calibration: {answer_path: "answers.json"}\npolicies:',
+        )
+        .replace(
+            "    on_probe_error: small\n",
+            "    on_probe_error: small\n    cascade: {backend: small, escalate_to: large, "
+            "when: {p_large: {min: 0.5}}, on_probe_error: escalate}\n",
+        )
+    )
+    settings = parse_settings(text, source_name="vllm-e2e.yaml", base_dir=tmp_path)
+    server = ServerThread(create_app(settings)).start(timeout=120)
+    try:
+        client = _client(server.url)
+        short = client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "Say yes."}], max_tokens=2
+        )
+        assert short.headers["x-router-cascade"] == "kept", dict(short.headers)
+        assert float(short.headers["x-router-answer-p-large"]) < 0.5
+        assert short.parse().choices[0].message.content
+        long = client.chat.completions.with_raw_response.create(
+            model="auto",
+            messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+            max_tokens=64,
+            stream=True,
+        )
+        assert long.headers["x-router-cascade"] == "escalated", dict(long.headers)
+        assert long.headers["x-router-backend"] == "large"
+        assert float(long.headers["x-router-answer-p-large"]) >= 0.5
+        text_out = "".join(c.choices[0].delta.content or "" for c in long.parse() if c.choices)
+        assert text_out.strip()
+    finally:
+        server.stop()

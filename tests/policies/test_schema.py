@@ -122,6 +122,21 @@ def test_supervised_example_feeds_the_default_recipe() -> None:
     assert s.calibration_path() == EXAMPLES / "supervised.json"
 
 
+def test_cascade_example_checks_the_small_models_answers() -> None:
+    s = load_settings(EXAMPLES / "cascade.yaml", env={})
+    cascade = s.policies["default"].cascade
+    assert cascade is not None
+    assert (cascade.backend, cascade.escalate_to, cascade.on_probe_error) == (
+        "small",
+        "large",
+        "keep",
+    )
+    assert cascade.when.p_large.contains(0.5) and not cascade.when.p_large.contains(0.49)
+    assert s.answer_calibration_path() == EXAMPLES / "answers.json"
+    assert s.calibration_path() is None
+    assert s.probe.state_layers == (12, 18, 30)
+
+
 def test_three_tier_example_loads_with_its_human_tier() -> None:
     s = load_settings(EXAMPLES / "three-tier.yaml")
     human = s.backends["human"]
@@ -265,7 +280,8 @@ BROKEN: dict[str, list[str]] = {
         "8: policies.default.rules[0].when.score: min (0.8) must be less than max (0.8)"
     ],
     "bad-unknown-key.yaml": [
-        "7: policies.default: unknown key 'fallback' (allowed: default, on_probe_error, rules)"
+        "7: policies.default: unknown key 'fallback' (allowed: cascade, default, on_probe_error, "
+        "rules)"
     ],
     "bad-wrong-type.yaml": [
         "2: server.port: must be a valid integer, unable to parse string as an integer, "
@@ -290,6 +306,19 @@ BROKEN: dict[str, list[str]] = {
         "8: backends.desk.wait_s: a hold of 600 s outlives escalation.expire_s (300 s): the "
         "escalation would expire before on_timeout answers. Fix: make wait_s shorter than "
         "expire_s",
+    ],
+    "bad-cascade.yaml": [
+        "9: policies.default.cascade: a cascade needs an answer calibration: set "
+        "calibration.answer_path to a file from `sparsity-router calibrate --labels FILE "
+        "--answer-column NAME`",
+        "10: policies.default.cascade.backend: 'desk' is a human backend; a cascade checks and "
+        "escalates between model backends (route to a human with a rule instead)",
+        "11: policies.default.cascade.escalate_to: unknown backend 'lage'; known: desk, large, "
+        "small",
+        "16: policies.same.cascade: a cascade needs an answer calibration: set "
+        "calibration.answer_path to a file from `sparsity-router calibrate --labels FILE "
+        "--answer-column NAME`",
+        "16: policies.same.cascade.escalate_to: escalate_to must differ from the checked backend",
     ],
     "bad-yaml-syntax.yaml": ["6:20: YAML syntax error: mapping values are not allowed here"],
     "bad-missing-env.yaml": [

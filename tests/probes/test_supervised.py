@@ -137,6 +137,26 @@ def test_calibration_carries_the_model(tmp_path: Path) -> None:
     assert "supervised" not in plain.summary()
 
 
+def test_reads_says_what_the_probe_read(tmp_path: Path) -> None:
+    model = SupervisedModel(
+        features=FEATURES, mean=(0, 0, 0), scale=(1, 1, 1), coef=(1, 1, 1), intercept=0.0
+    )
+    assert model.reads == "prompt"
+    # a file written before the field existed reads as a prompt router
+    legacy = json.loads(model.model_dump_json())
+    del legacy["reads"]
+    assert SupervisedModel.model_validate(legacy).reads == "prompt"
+    assert "cascade" not in fitted_calibration(model).summary()
+    # a cascade's check of the small model's answer round-trips and says so in the summary
+    cascade = SupervisedModel.model_validate({**legacy, "reads": "answer"})
+    loaded = Calibration.load(fitted_calibration(cascade).save(tmp_path / "c.json"))
+    assert loaded.supervised is not None and loaded.supervised.reads == "answer"
+    assert "calibration.answer_path" in loaded.summary()
+    assert "cannot route prompts" in loaded.summary()
+    with pytest.raises(ValueError, match="reads"):
+        SupervisedModel.model_validate({**legacy, "reads": "response"})
+
+
 POLICY = """
 backends:
   small: {type: local}

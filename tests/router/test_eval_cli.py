@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from probes.calibration import Calibration
@@ -37,6 +38,25 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Path:
             large_helps = k > 20 and rng.random() < 0.8
             small_ok = not large_helps and rng.random() < 0.7
             out.writerow([text, str(small_ok), str(large_helps or rng.random() < 0.7)])
+    return path
+
+
+ANSWER = f"{SMALL}_response"
+
+
+@pytest.fixture(scope="module")
+def answered(outcomes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same rows with the small model's answer text (surrounding blanks to be stripped)."""
+    words = "so the answer is then we add carry one two three".split()
+    rng = random.Random(2)
+    with outcomes.open(encoding="utf-8", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    path = tmp_path_factory.mktemp("answered") / "outcomes.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f)
+        out.writerow([*header, ANSWER])
+        for row in rows:
+            out.writerow([*row, "\n " + " ".join(rng.choices(words, k=rng.randint(3, 12))) + " "])
     return path
 
 
@@ -81,7 +101,8 @@ def test_eval_end_to_end(
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     numbers = json.loads((tmp_path / "eval.json").read_text())
     routers = numbers["routers"]
-    assert numbers["n"] == 60 and numbers["folds"] == 3
+    assert numbers["n"] == 60 and numbers["folds"] == 3 and numbers["reads"] == "prompt"
+    assert "small model's answer" not in out
     assert len(routers["sparsity LR"]["apgr_folds"]) == 3 and routers["sparsity LR"]["trained"]
     assert routers["probe LR"]["trained"] and len(routers["probe LR"]["apgr_folds"]) == 3
     assert routers["probe LR + kNN"]["trained"]
@@ -253,3 +274,71 @@ def test_calibrate_bad_neighbours(
     code, _, err = run(args, capsys)
     assert code == 2 and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_eval_with_answers_probes_prompt_and_answer(
+    tiny: list[str], answered: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from router.cli import _build_probe, build_parser
+    from router.eval_cli import feature_table, read_labels
+
+    cache = tmp_path / "cache"
+    args = ["eval", *tiny, "--data", str(answered), "--features-cache", str(cache)]
+    args += ["--answer-column", ANSWER, "--folds", "3", "--no-embedding"]
+    code, out, err = run([*args, "--json", str(tmp_path / "eval.json")], capsys)
+    assert code == 0, err
+    assert f"the probe reads each prompt plus the small model's answer ({ANSWER})" in out
+    assert "cascade" in out and "probe LR + kNN" in out
+    numbers = json.loads((tmp_path / "eval.json").read_text())
+    assert numbers["reads"] == "answer" and numbers["n"] == 60
+
+    # what eval probed (and cached) is each prompt with its answer, not the prompt alone
+    parsed = build_parser().parse_args(args)
+    data = read_labels(parsed)
+    probe = _build_probe(parsed)
+    files = sorted(p.name for p in cache.rglob("*.npz"))
+    both = feature_table(probe, data.probe_inputs, cache, progress=False)
+    assert sorted(p.name for p in cache.rglob("*.npz")) == files  # all from eval's cache
+    alone = feature_table(probe, data.prompts, cache, progress=False)
+    assert sorted(p.name for p in cache.rglob("*.npz")) != files  # new inputs: probed now
+    assert (both.n_tokens > alone.n_tokens).all()
+    assert not np.allclose(both.values, alone.values)
+
+
+def test_calibrate_with_answers_is_a_cascade_check(
+    tiny: list[str], answered: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = ["--features-cache", str(tmp_path / "cache")]
+    out = tmp_path / "cascade.json"
+    labels = ["--labels", str(answered), "--answer-column", ANSWER, *cache]
+    args = ["calibrate", *tiny, *labels, "--min-per-bucket", "10", "--neighbours", "none"]
+    code, text, err = run([*args, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "this calibration is for a policy's cascade (config key calibration.answer_path)" in text
+    # the summary says so too
+    assert "a cascade's check of that answer" in text and "cannot route prompts" in text
+    model = Calibration.load(out).supervised
+    assert model is not None and model.reads == "answer"
+    assert json.loads(out.read_text())["supervised"]["reads"] == "answer"
+
+    # eval with it: only when the probe reads the answers too
+    evaluate = ["eval", *tiny, "--data", str(answered), *cache, "--folds", "3", "--no-embedding"]
+    code, _, err = run([*evaluate, "--calibration", str(out)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "fitted on prompts plus the small model's answers" in err
+    assert "Fix: give --answer-column NAME" in err
+    code, text, err = run([*evaluate, "--calibration", str(out), "--answer-column", ANSWER], capsys)
+    assert code == 0, err
+    assert "configured (p_large)" in text
+
+    # a file written before `reads` existed is a prompt router, refused for a cascade's eval
+    legacy = json.loads(out.read_text())
+    del legacy["supervised"]["reads"]
+    old = tmp_path / "legacy.json"
+    old.write_text(json.dumps(legacy), encoding="utf-8")
+    loaded = Calibration.load(old).supervised
+    assert loaded is not None and loaded.reads == "prompt"
+    assert "cascade" not in Calibration.load(old).summary()
+    code, _, err = run([*evaluate, "--calibration", str(old), "--answer-column", ANSWER], capsys)
+    assert code == 2 and "fitted on prompts alone but --answer-column" in err
+    assert "Fix: leave out --answer-column" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from router.evaluate import (
 )
 from router.outcomes import OutcomeDataError, OutcomeSet, read_outcomes
 
-ROUTELLM_HEADER = "prompt,mistralai/Mixtral-8x7B-Instruct-v0.1,gpt-4-1106-preview\n"
+SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+LARGE = "gpt-4-1106-preview"
+ROUTELLM_HEADER = f"prompt,{SMALL},{LARGE}\n"
 
 
 def table_for(n_tokens: np.ndarray, values: np.ndarray, names: tuple[str, ...]) -> FeatureTable:
@@ -89,6 +92,60 @@ def test_bad_value_names_file_row_and_column(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(OutcomeDataError, match="does not exist"):
         read_outcomes([tmp_path / "nope.csv"])
+
+
+ANSWER = "mistralai/Mixtral-8x7B-Instruct-v0.1_response"
+
+
+def test_answer_column_is_read_and_probed_as_a_conversation(tmp_path: Path) -> None:
+    path = tmp_path / "gsm8k.csv"
+    rows = [("Q1", "True", "True", " 4\n"), ("Q2", "False", "True", "five"), ("Q3", "1", "0", "x")]
+    with path.open("w", encoding="utf-8", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["prompt", SMALL, LARGE, ANSWER])
+        out.writerows(rows)
+    contaminated = tmp_path / "contaminated.txt"
+    contaminated.write_text("Q2\n", encoding="utf-8")
+    data = read_outcomes([path], answer_col=ANSWER, exclude=contaminated)
+    assert data.prompts == ["Q1", "Q3"] and data.answers == [" 4\n", "x"]
+    assert data.probe_inputs == [
+        [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "4"}],
+        [{"role": "user", "content": "Q3"}, {"role": "assistant", "content": "x"}],
+    ]
+    picked = data.subset([1])
+    assert picked.answers == ["x"] and picked.probe_inputs == data.probe_inputs[1:]
+    # without the option the answers are not read, and the probe reads the prompts alone
+    plain = read_outcomes([path])
+    assert plain.answers is None and plain.probe_inputs == ["Q1", "Q2", "Q3"]
+    assert plain.subset([0]).answers is None
+
+
+def test_missing_answer_column_names_file_and_columns(tmp_path: Path) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text(ROUTELLM_HEADER + "hi,True,False\n", encoding="utf-8")
+    with pytest.raises(OutcomeDataError) as err:
+        read_outcomes([path], answer_col="answer")
+    message = str(err.value)
+    assert f"{path}:2: no column 'answer'" in message
+    assert "'prompt', 'mistralai/Mixtral-8x7B-Instruct-v0.1', 'gpt-4-1106-preview'" in message
+    assert "--answer-column" in message
+
+
+@pytest.mark.parametrize("cell", ["", "   "])
+def test_empty_answer_names_file_and_row(tmp_path: Path, cell: str) -> None:
+    path = tmp_path / "o.csv"
+    path.write_text(
+        ROUTELLM_HEADER.rstrip("\n") + ",answer\nQ1,True,False,ok\nQ2,True,True," + cell + "\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(OutcomeDataError, match=r"o\.csv:3: the answer in column 'answer' is empty"):
+        read_outcomes([path], answer_col="answer")
+    jsonl = tmp_path / "o.jsonl"
+    jsonl.write_text(
+        json.dumps({"prompt": "Q", SMALL: 1, LARGE: 0, "answer": None}) + "\n", encoding="utf-8"
+    )
+    with pytest.raises(OutcomeDataError, match=r"o\.jsonl:1: the answer in column 'answer'"):
+        read_outcomes([jsonl], answer_col="answer")
 
 
 # -- folds and metrics ----------------------------------------------------------------------------

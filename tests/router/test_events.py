@@ -83,6 +83,24 @@ def test_sqlite_lookup_and_wal(tmp_path: Path) -> None:
     jsonl.close()
 
 
+def test_sqlite_file_of_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
+    """A requests table written before the cascade columns existed keeps its rows and takes
+    records with them."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE requests (request_id TEXT PRIMARY KEY, time REAL, cost REAL)")
+        db.execute("INSERT INTO requests VALUES ('old', 1.0, 0.5)")
+    log = EventLog(SQLiteSink(path))
+    log.record(request(1, cascade="escalated", answer_p_large=0.75, cost=0.25))
+    log.close()
+    reader = SQLiteSink(path)
+    rows = {r["request_id"]: r for r in reader.read() if r["kind"] == "request"}
+    reader.close()
+    assert rows["old"]["cost"] == 0.5 and rows["old"]["cascade"] is None
+    assert rows["r1"]["cascade"] == "escalated" and rows["r1"]["answer_p_large"] == 0.75
+    assert rows["r1"]["backend"] == "small"
+
+
 def test_full_queue_drops_and_counts_without_blocking(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -255,6 +255,29 @@ def test_reload_applies_a_good_file_and_keeps_serving_on_a_broken_one(
 
 
 @pytest.mark.slow
+def test_reload_refuses_a_cascade_the_running_gateway_cannot_check(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    """No rule needed the probe, so none is loaded: a cascade added by a reload needs a restart
+    (rather than being ignored)."""
+    path = tmp_path / "gw.yaml"
+    _write(path, upstreams, "small")
+    text = path.read_text() + 'calibration: {answer_path: "answers.json"}\n'
+    path.write_text(text)
+    with ServerThread(create_app(load_settings(path), config_path=path)) as gw:
+        path.write_text(
+            text.replace(
+                "on_probe_error: small}",
+                "on_probe_error: small, cascade: {backend: small, escalate_to: large, "
+                "when: {p_large: {min: 0.5}}}}",
+            )
+        )
+        r = httpx.post(gw.url + "/admin/reload", headers={"authorization": "Bearer admin-k"})
+        assert r.status_code == 422, r.text
+        assert "need the probe, which is not loaded; restart" in r.json()["error"]["message"]
+        assert _answered_by(gw.url) == "small"
+
+
 def test_sighup_reloads_a_serve_process(upstreams: Upstreams, tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
     _write(path, upstreams, "small")

@@ -129,6 +129,20 @@ def test_check_accepts_the_three_tier_example(capsys: pytest.CaptureFixture[str]
     assert "policy default: review -> human, sparse -> large" in out
 
 
+def test_check_names_the_cascade_and_its_missing_calibration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = ROOT / "config/examples/cascade.yaml"
+    monkeypatch.setenv("ANSWER_CALIBRATION_PATH", str(tmp_path / "answers.json"))
+    assert main(["check", str(example)]) == 1
+    out = capsys.readouterr().out
+    assert "cascade: small's answers -> large when p_large in [0.5, inf)" in out
+    assert f"answer calibration {tmp_path / 'answers.json'} (MISSING: fit it with " in out
+    (tmp_path / "answers.json").write_text("{}")
+    assert main(["check", str(example)]) == 0
+    assert f"answer calibration {tmp_path / 'answers.json'} (found)" in capsys.readouterr().out
+
+
 def test_check_reports_yaml_path_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
