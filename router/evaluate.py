@@ -382,9 +382,10 @@ def evaluate(
     fixed: list[tuple[str, FloatArray, str]] = []
     if configured is not None:
         fixed.append((configured[0], configured[1], "as configured, not trained here"))
-    fixed.append(("length", table.n_tokens, "more tokens -> large"))
+    read = "the prompt" if data.answers is None else "prompt + the small model's answer"
+    fixed.append(("length", table.n_tokens, f"more tokens of {read} -> large"))
     if np.isfinite(table.nll).all():
-        fixed.append(("perplexity", table.nll, "probe model's mean NLL of the prompt"))
+        fixed.append(("perplexity", table.nll, f"probe model's mean NLL of {read}"))
     fixed.extend(extra)
     oracle = data.large - data.small
     routers: list[RouterScores] = []
@@ -411,7 +412,13 @@ def evaluate(
     routers += [rand, *fixed_scores]
     if embeddings is not None:
         routers.append(
-            _cv_logistic("embedding LR", embeddings, data, fold, "all-MiniLM-L6-v2, L2 logistic")
+            _cv_logistic(
+                "embedding LR",
+                embeddings,
+                data,
+                fold,
+                "all-MiniLM-L6-v2 of the prompt, L2 logistic",
+            )
         )
     depth = _depth(table)
     trained: list[tuple[str, Sequence[str], str]]

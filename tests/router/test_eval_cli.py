@@ -289,6 +289,7 @@ def test_eval_with_answers_probes_prompt_and_answer(
     assert code == 0, err
     assert f"the probe reads each prompt plus the small model's answer ({ANSWER})" in out
     assert "cascade" in out and "probe LR + kNN" in out
+    assert "more tokens of prompt + the small model's answer -> large" in out
     numbers = json.loads((tmp_path / "eval.json").read_text())
     assert numbers["reads"] == "answer" and numbers["n"] == 60
 
