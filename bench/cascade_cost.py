@@ -1,13 +1,17 @@
-"""What a cascade's check costs per request: the probe reading prompt + answer vs the prompt.
+"""What a cascade's check costs per request, against the prompt router's probe pass.
 
-Run: ``.venv/bin/python bench/cascade_cost.py [--n 100] [--config config/examples/cascade.yaml]``
+Run: ``.venv/bin/python bench/cascade_cost.py [--n 100]``
 
-Takes ``--n`` GSM8K questions with Mixtral's answers (RouteLLM's file in ../shared/data), and
-times one probe pass per request (batch of one, as a lone request sees it) with the probe of the
-config (the cascade example: layers 10 and 20-30, token means, hidden vectors of 12, 18 and 30):
-on the prompt alone (the baseline, in the same process) and on the prompt plus the answer (the
-cascade's check). Prints tokens, median and p90 latency, and the ratio. The answer calibration's
-regression and vote add what ``bench/supervised_cost.py`` prints.
+Takes ``--n`` GSM8K questions with Mixtral's answers (RouteLLM's file in ../shared/data) and
+times one probe pass per request (batch of one, as a lone request sees it):
+
+- baseline: the prompt router's probe (``config/examples/supervised.yaml``: layers 10 and 20-30,
+  the forward pass runs all 30 layers) on the prompt;
+- the cascade's check (``config/examples/cascade.yaml``: the answer recipe, layers 2-12, the pass
+  stops at layer 12) on the prompt plus the answer, and on the prompt alone for reference.
+
+Prints tokens, median and p90 latency, and the ratios. The calibration's regression and vote add
+what ``bench/supervised_cost.py`` prints.
 """
 
 from __future__ import annotations
@@ -43,9 +47,8 @@ def timed(probe: SparsityProbe, items: list[ProbeInput]) -> tuple[np.ndarray, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--config", default=str(ROOT / "config/examples/cascade.yaml"))
     parser.add_argument("--data", help="the benchmark data folder (default ../shared/data)")
     args = parser.parse_args()
     path = data_root(args.data) / "routellm" / "gsm8k" / "gsm8k_responses.csv"
@@ -60,20 +63,28 @@ def main() -> None:
         )
         for r in rows
     ]
-    probe = SparsityProbe(load_settings(args.config, env={}).probe.probe_settings())
-    probe.measure(prompts[:4] + checks[:4])  # warm-up: threads, lazy kernels
-    base, base_tokens = timed(probe, prompts)
-    check, check_tokens = timed(probe, checks)
-    print(f"{len(rows)} GSM8K requests, probe layers {list(probe.layers)}, one pass each")
-    for name, s, tok in (
-        ("prompt (baseline)", base, base_tokens),
-        ("prompt + answer", check, check_tokens),
-    ):
+    examples = ROOT / "config" / "examples"
+    router = SparsityProbe(
+        load_settings(examples / "supervised.yaml", env={}).probe.probe_settings()
+    )
+    cascade = SparsityProbe(
+        load_settings(examples / "cascade.yaml", env={}).probe.probe_settings(),
+        loaded=router.loaded,
+    )
+    for probe in (router, cascade):  # warm-up: threads, lazy kernels
+        probe.measure(prompts[:4] + checks[:4])
+    runs = [
+        ("prompt router, prompt (baseline)", *timed(router, prompts)),
+        ("cascade check, prompt + answer", *timed(cascade, checks)),
+        ("cascade probe, prompt alone", *timed(cascade, prompts)),
+    ]
+    print(f"{len(rows)} GSM8K requests, one probe pass each")
+    base = float(np.median(runs[0][1]))
+    for name, s, tok in runs:
         print(
-            f"  {name:18s} {tok:6.0f} tokens  p50 {np.median(s) * 1e3:6.1f} ms  "
-            f"p90 {np.quantile(s, 0.9) * 1e3:6.1f} ms"
+            f"  {name:34s} {tok:5.0f} tokens  p50 {np.median(s) * 1e3:6.1f} ms  "
+            f"p90 {np.quantile(s, 0.9) * 1e3:6.1f} ms  {np.median(s) / base:.2f}x baseline"
         )
-    print(f"  check / prompt: {np.median(check) / np.median(base):.2f}x (median)")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ def add_calibrate_command(subparsers: Any) -> None:
         type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
         metavar="LIST",
         help="with --labels: the supervised model's features, e.g. L10.gini.last,L28.top1_energy"
-        ".mean,log_tokens (default: the recipe in router.evaluate.supervised_features)",
+        ".mean,log_tokens (default: router.evaluate.default_recipe: supervised_features, or with "
+        "--answer-column answer_features, layers 2-12 of 30 and layer 12's vectors)",
     )
     parser.add_argument(
         "--neighbours",
@@ -243,7 +244,8 @@ def add_calibrate_command(subparsers: Any) -> None:
         help="with --labels: the hidden vectors whose nearest labelled prompts vote (one vote "
         "each, stacked with the regression), e.g. L12.state.mean,L18.state.mean; 'none' for the "
         "regression alone (default: the token mean at 40%% of the probe's depth, and from 2,500 "
-        "labelled prompts on also the one at 60%%: router.evaluate.neighbour_blocks)",
+        "labelled prompts on also the one at 60%%: router.evaluate.neighbour_blocks; with "
+        "--answer-column only the one at 40%%)",
     )
     parser.add_argument(
         "--neighbours-k",

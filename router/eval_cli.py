@@ -349,7 +349,7 @@ def run_calibrate_labels(
         parse_state_feature,
     )
     from probes.supervised import LENGTH_FEATURE
-    from router.evaluate import fit_supervised, neighbour_blocks, supervised_features
+    from router.evaluate import default_recipe, fit_supervised
 
     data = read_labels(args)
     if data.large_better.all() or not data.large_better.any():
@@ -358,11 +358,12 @@ def run_calibrate_labels(
             "not: a supervised model cannot be fitted otherwise"
         )
     probe = build_probe(args)
-    features = tuple(args.features) if args.features else supervised_features(probe.n_layers)
+    recipe = default_recipe(probe.n_layers, len(data), answers=data.answers is not None)
+    features = tuple(args.features) if args.features else recipe.features
     needed_layers: set[int] = set()
     needed_states: set[int] = set()
     width = probe.loaded.hidden_size
-    neighbours = _neighbour_option(args, neighbour_blocks(probe.n_layers, len(data)))
+    neighbours = _neighbour_option(args, recipe.votes)
     needed_states.update(layer for layer, _ in neighbours)
     try:
         features = expand_features(features, width)
@@ -459,7 +460,7 @@ def run_calibrate_labels(
     s = serving.settings
     print(
         "serve it with probe settings layers: "
-        f"[{', '.join(str(x) for x in s.layers)}], score_layer: {probe.score_layer}"
+        f"[{', '.join(str(x) for x in sorted(s.layers))}], score_layer: {probe.score_layer}"
         + (", token_mean: true" if s.token_mean else "")
         + (
             f", state_layers: [{', '.join(str(x) for x in s.state_layers)}]"

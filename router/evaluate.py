@@ -18,6 +18,10 @@ CPT(80%) and the AUROC of the score for "the large model does better" (definitio
   nearest-neighbour votes (:mod:`probes.neighbours`) on :func:`neighbour_blocks`' vectors, the
   stacking weights fitted on out-of-fold values inside each training fold.
 
+With the small model's answers in the data (a cascade's check, ``--answer-column``) the probe
+reads prompt + answer and the three probe routers follow the answer recipe instead
+(:func:`default_recipe`: layers 2 to 40% of the depth, that layer's vectors, one vote there).
+
 Trained routers are scored by stratified k-fold cross-validation (their L2 strength chosen by an
 inner CV on the training folds only); every router's numbers are means over the same test folds.
 Probe features and embeddings are cached on disk (:mod:`probes.features`), so re-runs are fast.
@@ -58,7 +62,11 @@ __all__ = [
     "SECOND_VOTE_FROM",
     "SUPERVISED_FEATURES",
     "EvalReport",
+    "Recipe",
     "RouterScores",
+    "answer_features",
+    "answer_layer",
+    "default_recipe",
     "embed_minilm",
     "evaluate",
     "fit_supervised",
@@ -112,6 +120,56 @@ def supervised_features(n_layers: int) -> tuple[str, ...]:
 
 #: The recipe for the bundled 30-layer probe model.
 SUPERVISED_FEATURES: tuple[str, ...] = supervised_features(30)
+
+
+def answer_layer(n_layers: int) -> int:
+    """The deepest layer the answer recipe reads: 40% of the depth (12 of 30)."""
+    return max(1, round(0.4 * n_layers))
+
+
+def answer_sparsity_features(n_layers: int) -> tuple[str, ...]:
+    """The sparsity part of the answer recipe: layers 2 to :func:`answer_layer`, five metrics,
+    last token and token mean."""
+    top = answer_layer(n_layers)
+    return tuple(
+        f"L{layer}.{metric}.{pos}"
+        for pos in ("last", "mean")
+        for layer in range(min(2, top), top + 1)
+        for metric in _RECIPE_METRICS
+    )
+
+
+def answer_features(n_layers: int) -> tuple[str, ...]:
+    """The default recipe when the probe reads the prompt plus the small model's answer (a
+    cascade's check): :func:`answer_sparsity_features` and the hidden vectors at
+    :func:`answer_layer`. On RouteLLM's GSM8K it beats the prompt recipe read on the same
+    conversations, 0.774-0.785 against 0.724-0.739 APGR over three fold splits, and the probe's
+    forward pass stops at 40% of the depth (bench/results/routing_eval.md, follow-up 7)."""
+    top = answer_layer(n_layers)
+    return (*answer_sparsity_features(n_layers), f"L{top}.{STATE}.last", f"L{top}.{STATE}.mean")
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """The default supervised recipe for what the probe reads: the sparsity features, the
+    regression's features (those plus hidden vectors) and the neighbour votes' blocks."""
+
+    sparsity: tuple[str, ...]
+    features: tuple[str, ...]
+    votes: tuple[str, ...]
+
+
+def default_recipe(n_layers: int, n_labelled: int | None, *, answers: bool) -> Recipe:
+    """The prompt recipe (:func:`supervised_features`, :func:`neighbour_blocks`), or with
+    ``answers`` the answer recipe (:func:`answer_features`, one vote at :func:`answer_layer`)."""
+    if answers:
+        vote = f"L{answer_layer(n_layers)}.{STATE}.mean"
+        return Recipe(answer_sparsity_features(n_layers), answer_features(n_layers), (vote,))
+    return Recipe(
+        sparsity_features(n_layers),
+        supervised_features(n_layers),
+        neighbour_blocks(n_layers, n_labelled),
+    )
 
 
 #: Labelled prompts from which the default stacks a second neighbour vote (see
@@ -421,24 +479,27 @@ def evaluate(
             )
         )
     depth = _depth(table)
+    recipe = default_recipe(depth, len(data), answers=data.answers is not None)
     trained: list[tuple[str, Sequence[str], str]]
     if features is not None:
         trained = [("sparsity LR", features, "{k} probe features + log length (as given)")]
     else:
-        trained = [("sparsity LR", sparsity_features(depth), "{k} sparsity features + log length")]
-        if all(state_block(depth, p) in table.states for p in ("last", "mean")):
+        trained = [("sparsity LR", recipe.sparsity, "{k} sparsity features + log length")]
+        states = [f for f in recipe.features if f".{STATE}." in f]
+        if all(_block_key(b) in table.states for b in states):
             trained.append(
                 (
                     "probe LR",
-                    supervised_features(depth),
-                    "{k} features: sparsity + last-layer hidden vectors + log length "
-                    "(the supervised calibration's regression)",
+                    recipe.features,
+                    "{k} features: sparsity + hidden vectors ("
+                    + ", ".join(states)
+                    + ") + log length (the supervised calibration's regression)",
                 )
             )
     for name, names, note in trained:
         X, cols = supervised_matrix(table, names)
         routers.append(_cv_logistic(name, X, data, fold, note.format(k=len(cols))))
-    blocks = neighbour_blocks(depth, len(data))
+    blocks = recipe.votes
     if (
         features is None
         and len(trained) == 2

@@ -134,7 +134,10 @@ def test_cascade_example_checks_the_small_models_answers() -> None:
     assert cascade.when.p_large.contains(0.5) and not cascade.when.p_large.contains(0.49)
     assert s.answer_calibration_path() == EXAMPLES / "answers.json"
     assert s.calibration_path() is None
-    assert s.probe.state_layers == (12, 18, 30)
+    assert s.probe.state_layers == (12,) and max(s.probe.layers) == 12
+    from router.evaluate import answer_features
+
+    assert {int(f.split(".")[0][1:]) for f in answer_features(30)} <= set(s.probe.layers)
 
 
 def test_three_tier_example_loads_with_its_human_tier() -> None:

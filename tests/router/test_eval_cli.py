@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from probes.calibration import Calibration
+from probes.supervised import LENGTH_FEATURE
 from router.cli import main
+from router.evaluate import answer_layer
 
 SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 LARGE = "gpt-4-1106-preview"
@@ -318,9 +320,16 @@ def test_calibrate_with_answers_is_a_cascade_check(
     assert "this calibration is for a policy's cascade (config key calibration.answer_path)" in text
     # the summary says so too
     assert "a cascade's check of that answer" in text and "cannot route prompts" in text
-    model = Calibration.load(out).supervised
+    calibration = Calibration.load(out)
+    model = calibration.supervised
     assert model is not None and model.reads == "answer"
     assert json.loads(out.read_text())["supervised"]["reads"] == "answer"
+    # the answer recipe: sparsity up to 40% of the depth and that layer's hidden vectors
+    top = answer_layer(calibration.fingerprint["n_layers"])
+    assert {f.split(".")[0] for f in model.features if f != LENGTH_FEATURE} == {
+        f"L{la}" for la in range(min(2, top), top + 1)
+    }
+    assert model.state_layers() == (top,)
 
     # eval with it: only when the probe reads the answers too
     evaluate = ["eval", *tiny, "--data", str(answered), *cache, "--folds", "3", "--no-embedding"]

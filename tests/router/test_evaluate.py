@@ -379,3 +379,19 @@ def test_eval_adds_the_second_vote_from_2500_labelled_prompts() -> None:
     stacked = next(r for r in fewer if r.name == "probe LR + kNN")
     assert "(L2.state.mean)" in stacked.note
     assert stacked.mean("auroc") < by["probe LR + kNN"].mean("auroc") - 0.05
+
+
+def test_the_answer_recipe_reads_the_first_40_percent_of_the_layers() -> None:
+    from router.evaluate import answer_features, default_recipe, supervised_features
+
+    answers = default_recipe(30, 14_037, answers=True)
+    assert answers.features == answer_features(30)
+    assert {f.split(".")[0] for f in answers.features} == {f"L{la}" for la in range(2, 13)}
+    assert answers.features[-2:] == ("L12.state.last", "L12.state.mean")
+    assert set(answers.sparsity) == set(answers.features[:-2]) and len(answers.sparsity) == 110
+    assert answers.votes == ("L12.state.mean",)  # one vote, whatever the labels' size
+    prompts = default_recipe(30, 14_037, answers=False)
+    assert prompts.features == supervised_features(30)
+    assert prompts.votes == ("L12.state.mean", "L18.state.mean")
+    assert default_recipe(30, 1_000, answers=False).votes == ("L12.state.mean",)
+    assert default_recipe(4, None, answers=True).features[-1] == "L2.state.mean"
