@@ -98,11 +98,15 @@ def sparsity_features(n_layers: int) -> tuple[str, ...]:
     """The sparsity part of the recipe for a model of ``n_layers`` layers (chosen in
     bench/results/routing_eval.md): the last third of the layers (20-30 of 30), five metrics,
     last token and token mean."""
-    first = max(1, math.ceil(2 * n_layers / 3))
+    return _metric_features(range(max(1, math.ceil(2 * n_layers / 3)), n_layers + 1))
+
+
+def _metric_features(layers: range) -> tuple[str, ...]:
+    """The recipe's five metrics at ``layers``, last token then token mean."""
     return tuple(
         f"L{layer}.{metric}.{pos}"
         for pos in ("last", "mean")
-        for layer in range(first, n_layers + 1)
+        for layer in layers
         for metric in _RECIPE_METRICS
     )
 
@@ -131,12 +135,7 @@ def answer_sparsity_features(n_layers: int) -> tuple[str, ...]:
     """The sparsity part of the answer recipe: layers 2 to :func:`answer_layer`, five metrics,
     last token and token mean."""
     top = answer_layer(n_layers)
-    return tuple(
-        f"L{layer}.{metric}.{pos}"
-        for pos in ("last", "mean")
-        for layer in range(min(2, top), top + 1)
-        for metric in _RECIPE_METRICS
-    )
+    return _metric_features(range(min(2, top), top + 1))
 
 
 def answer_features(n_layers: int) -> tuple[str, ...]:

@@ -120,7 +120,7 @@ def check_config(config: str | None, ping: bool) -> tuple[list[str], int]:
     path = Path(config) if config else default_config_path()
     settings = load_settings(path)
     lines = _summary(settings, str(path))
-    status = 0 if all(path.is_file() for _, path, _ in _calibrations(settings)) else 1
+    status = 0 if all(file.is_file() for _, file, _ in _calibrations(settings)) else 1
     if ping:
         ping_lines, ok = asyncio.run(_ping(settings))
         lines += ping_lines

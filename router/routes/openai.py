@@ -400,11 +400,14 @@ class CompletionsEndpoint:
 
 
 def _cascade_of(state: GatewayState, decision: Decision) -> Cascade | None:
-    """The cascade that checks this decision's answer, if its policy has one for its backend."""
+    """The cascade that checks this decision's answer, if its policy has one for its backend
+    (build_state loads the probe and the answer calibration whenever a policy has one)."""
     policy = state.settings.policies.get(decision.policy)
     cascade = policy.cascade if policy is not None else None
-    if cascade is None or cascade.backend != decision.backend or state.probe is None:
+    if cascade is None or cascade.backend != decision.backend:
         return None
+    if state.probe is None or state.answer_calibration is None:
+        return None  # never with build_state's state: the answer would be read without its model
     return cascade
 
 
