@@ -1,8 +1,9 @@
-"""Readers for the benchmark data in ``../shared/data`` and text perturbations for shift tests.
+"""Readers for the benchmark data and text perturbations for shift tests.
 
-Only the standard library and numpy: no torch, no pandas. The data folder is
-``$SPARSITY_ROUTER_DATA`` when set, else ``<repo>/../shared/data`` (see its README for sources
-and licences). Every reader returns rows in a fixed order, so seeded samples are reproducible.
+Only the standard library and numpy: no torch, no pandas. The benchmark data folder is the one
+given with ``--data DIR``, else ``$SPARSITY_ROUTER_DATA``; nothing is vendored in this repository.
+docs/benchmarks.md lists the public data sets, their sources and licences, and the folder layout
+the readers expect. Every reader returns rows in a fixed order, so seeded samples are reproducible.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 __all__ = [
     "DATA_ENV",
+    "DOCS",
     "MGSM_LANGUAGES",
     "MathProblem",
     "Outcome",
@@ -33,22 +35,30 @@ __all__ = [
 ]
 
 DATA_ENV = "SPARSITY_ROUTER_DATA"
+DOCS = "docs/benchmarks.md"
 MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 WEAK_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG_MODEL = "gpt-4-1106-preview"
 
 
 def data_root(override: str | os.PathLike[str] | None = None) -> Path:
-    """The benchmark data folder: ``override``, ``$SPARSITY_ROUTER_DATA`` or ``../shared/data``."""
-    if override is not None:
-        root = Path(override)
+    """The benchmark data folder: ``override`` (``--data``), else ``$SPARSITY_ROUTER_DATA``.
+
+    Raises ``FileNotFoundError``, saying how to set it, when neither is given or it is missing.
+    """
+    if override is not None and str(override):
+        root = Path(override).expanduser()
     elif os.environ.get(DATA_ENV):
-        root = Path(os.environ[DATA_ENV])
+        root = Path(os.environ[DATA_ENV]).expanduser()
     else:
-        root = Path(__file__).resolve().parents[2] / "shared" / "data"
+        raise FileNotFoundError(
+            f"no benchmark data folder: pass --data DIR or set {DATA_ENV}=DIR "
+            f"(the public data sets and the layout under DIR: {DOCS})"
+        )
     if not root.is_dir():
         raise FileNotFoundError(
-            f"benchmark data folder {root} does not exist: set {DATA_ENV} or pass --data"
+            f"benchmark data folder {root} does not exist: pass --data DIR or set {DATA_ENV}=DIR "
+            f"(see {DOCS})"
         )
     return root
 

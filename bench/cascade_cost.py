@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python bench/cascade_cost.py [--n 100]``
 
-Takes ``--n`` GSM8K questions with Mixtral's answers (RouteLLM's file in ../shared/data) and
+Takes ``--n`` GSM8K questions with Mixtral's answers (RouteLLM's file in the benchmark data
+folder: --data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md) and
 times one probe pass per request (batch of one, as a lone request sees it):
 
 - baseline: the prompt router's probe (``config/examples/supervised.yaml``: layers 10 and 20-30,
@@ -30,7 +31,8 @@ import numpy as np
 
 from bench._data import WEAK_MODEL, data_root
 from policies.loader import load_settings
-from probes.probe import ProbeInput, SparsityProbe
+from probes.probe import SparsityProbe
+from probes.types import ProbeInput
 from router.cascade import answer_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +51,10 @@ def timed(probe: SparsityProbe, items: list[ProbeInput]) -> tuple[np.ndarray, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--data", help="the benchmark data folder (default ../shared/data)")
+    parser.add_argument(
+        "--data",
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     args = parser.parse_args()
     path = data_root(args.data) / "routellm" / "gsm8k" / "gsm8k_responses.csv"
     with path.open(newline="", encoding="utf-8") as f:

@@ -27,7 +27,9 @@ Everything runs in one process on one loaded model, so the ratios are fair:
 
 Inputs are real text: GSM8K questions rendered with the probe's chat template, tokenized and
 concatenated; each sample is a window of exactly the stated length starting at a prompt's start
-(so, like a real request, it opens with the chat template's system prompt).
+(so, like a real request, it opens with the chat template's system prompt). The text comes from
+RouteLLM's GSM8K and MMLU files in the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -59,11 +61,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench._data import data_root
 from probes.metrics import compute_all
 from probes.model import LoadedModel, load_model
-from probes.probe import ProbeResult, ProbeSettings, SparsityProbe
+from probes.probe import SparsityProbe
+from probes.types import ProbeResult, ProbeSettings
 
-DATA = Path("/work/shared/data/routellm")
 LENGTHS = (32, 128, 512)
 DEPTHS = (4, 8, 12, 16, 20, 30)
 THROUGHPUT_BATCH = 16
@@ -697,7 +700,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"layers for the per-depth line (default: {','.join(map(str, DEPTHS))})",
     )
     p.add_argument("--json", type=Path, default=None, help="also write all figures here")
-    p.add_argument("--data", type=Path, default=DATA, help="RouteLLM data folder (GSM8K, MMLU)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--options", action="store_true", help="time speed options at 128 tokens")
     p.add_argument("--compile", action="store_true", help="with --options: try torch.compile")
@@ -729,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_layers = probe.n_layers
     depth = min(probe.deepest_layer, n_layers)
     repeats = args.repeats
-    questions = gsm8k_questions(args.data)
+    routellm = data_root(args.data) / "routellm"
+    questions = gsm8k_questions(routellm)
     pool = TokenPool.build(probe, questions)
 
     out: dict[str, Any] = {
@@ -846,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 6. signal
     if args.check_signal:
-        prompts = signal_prompts(args.data, args.signal_prompts, args.seed)
+        prompts = signal_prompts(routellm, args.signal_prompts, args.seed)
         chosen = [variants[0], *(v for v in variants if v.changes_numbers and "int8" in v.name)]
         if args.signal_bf16:
             chosen += [v for v in variants if v.name.startswith("bf16")]

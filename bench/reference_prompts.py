@@ -1,11 +1,12 @@
 """Write the reference prompt set the embedded default calibration is fitted on.
 
-A mix of everyday assistant traffic from ../shared/data: the 80 MT-Bench first turns (writing,
+A mix of everyday assistant traffic from the benchmark data folder (--data /
+$SPARSITY_ROUTER_DATA, see docs/benchmarks.md): the 80 MT-Bench first turns (writing,
 roleplay, reasoning, math, coding, extraction, STEM, humanities), and seeded samples of GSM8K
 word problems and MMLU questions. Prompts only; the calibration stores score quantiles, never
 the prompts.
 
-    .venv/bin/python bench/reference_prompts.py --out /tmp/reference.jsonl
+    .venv/bin/python bench/reference_prompts.py --data DIR --out /tmp/reference.jsonl
     .venv/bin/sparsity-router calibrate --reference /tmp/reference.jsonl \
         --out config/calibration/default.json --plot bench/results/default_calibration.png
 """
@@ -23,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import data_root, read_gsm8k, read_mmlu
 
 
-def build(n_gsm8k: int, n_mmlu: int, seed: int) -> list[str]:
-    root = data_root()
+def build(root: Path, n_gsm8k: int, n_mmlu: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     prompts = []
     with (root / "routellm" / "mt_bench" / "question.jsonl").open(encoding="utf-8") as f:
@@ -39,11 +39,17 @@ def build(n_gsm8k: int, n_mmlu: int, seed: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     parser.add_argument("--gsm8k", type=int, default=400)
     parser.add_argument("--mmlu", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    prompts = build(args.gsm8k, args.mmlu, args.seed)
+    prompts = build(data_root(args.data), args.gsm8k, args.mmlu, args.seed)
     with args.out.open("w", encoding="utf-8") as f:
         for p in prompts:
             f.write(json.dumps({"prompt": p}, ensure_ascii=False) + "\n")

@@ -29,11 +29,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench._data import data_root
-from policies.evaluation import apgr
-from probes.features import FeatureTable
+from evaluation.baselines import embed_minilm
+from evaluation.crossval import fold_ids, inner_l2
+from evaluation.metrics import apgr
+from evaluation.outcomes import OutcomeSet, read_outcomes
+from probes.feature_table import FeatureTable
 from probes.supervised import fit_logistic
-from router.evaluate import _inner_l2, embed_minilm, fold_ids
-from router.outcomes import OutcomeSet, read_outcomes
 
 FloatArray = NDArray[np.float64]
 METRICS5 = ("top1_energy", "top10_energy", "effective_rank", "gini", "outlier_frac")
@@ -67,7 +68,7 @@ def cv_apgr(
             assert score is not None
             s = score[te]
         else:
-            lam = _inner_l2(X[tr], y[tr], data.small[tr], data.large[tr])
+            lam = inner_l2(X[tr], y[tr], data.small[tr], data.large[tr])
             coef, b, mean, scale = fit_logistic(X[tr], y[tr], l2=lam)
             s = ((X[te] - mean) / scale) @ coef + b
         out.append(apgr(s, data.small[te], data.large[te]))
@@ -112,12 +113,18 @@ def candidates(names: tuple[str, ...]) -> dict[str, Callable[[dict], tuple[float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     parser.add_argument("--mmlu-n", type=int, default=2000)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from probes.probe import ProbeSettings, SparsityProbe
-    from router.eval_cli import feature_table
+    from evaluation.tables import feature_table
+    from probes.probe import SparsityProbe
+    from probes.types import ProbeSettings
 
     t0 = time.monotonic()
     root = data_root(args.data)

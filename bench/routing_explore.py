@@ -25,9 +25,9 @@ from numpy.typing import NDArray
 
 from bench._data import data_root
 from bench.routing_eval import METRICS5, cv_apgr, parse
-from policies.evaluation import apgr
-from router.evaluate import fold_ids
-from router.outcomes import OutcomeSet, read_outcomes
+from evaluation.crossval import fold_ids
+from evaluation.metrics import apgr
+from evaluation.outcomes import OutcomeSet, read_outcomes
 
 FloatArray = NDArray[np.float64]
 
@@ -90,11 +90,17 @@ def routers_for(data: OutcomeSet, table: Any) -> dict[str, Callable[[], tuple[fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from probes.probe import ProbeSettings, SparsityProbe
-    from router.eval_cli import feature_table
+    from evaluation.tables import feature_table
+    from probes.probe import SparsityProbe
+    from probes.types import ProbeSettings
 
     root = data_root(args.data)
     mmlu = root / "routellm" / "mmlu"

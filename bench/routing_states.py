@@ -39,9 +39,10 @@ from numpy.typing import NDArray
 
 from bench._data import data_root
 from bench.routing_eval import METRICS5, parse
-from policies.evaluation import apgr
-from router.evaluate import embed_minilm, fold_ids
-from router.outcomes import OutcomeSet, read_outcomes
+from evaluation.baselines import embed_minilm
+from evaluation.crossval import fold_ids
+from evaluation.metrics import apgr
+from evaluation.outcomes import OutcomeSet, read_outcomes
 
 FloatArray = NDArray[np.float64]
 STATE_LAYERS = (6, 12, 18, 24, 30)
@@ -82,8 +83,9 @@ class NextTokenRecorder:
 def probe_everything(probe: Any, prompts: list[str], folder: Path) -> tuple[Any, FloatArray]:
     """The eval feature table (with the hidden vectors at STATE_LAYERS, in the product's feature
     cache) and the state rows of ``prompts``: per layer [mean | last], then next-token stats."""
-    from probes.features import default_cache_dir, extract, state_block
-    from router.eval_cli import all_layer_probe
+    from evaluation.tables import all_layer_probe
+    from probes.feature_names import state_block
+    from probes.features import default_cache_dir, extract
 
     full = all_layer_probe(probe)
     keys = [_key(full.encode(p, i)[0]) for i, p in enumerate(prompts)]
@@ -121,14 +123,20 @@ def load_sets(root: Path, mmlu_n: int) -> dict[str, OutcomeSet]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     parser.add_argument("--mmlu-n", type=int, default=2000)
     parser.add_argument("--extract-only", action="store_true")
     parser.add_argument("--sets", default="GSM8K,MMLU", help="comma-separated: GSM8K, MMLU")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from probes.features import default_cache_dir
-    from probes.probe import ProbeSettings, SparsityProbe
+    from probes.probe import SparsityProbe
+    from probes.types import ProbeSettings
 
     t0 = time.monotonic()
     wanted = args.sets.split(",")

@@ -6,8 +6,8 @@ Run: ``.venv/bin/python bench/second_vote.py [--data DIR] [--sets gsm8k,mmlu-200
 For each data set (RouteLLM GSM8K, or MMLU: all prompts or a seeded sample after dropping the
 contaminated ones) and each fold split (the stratified 5-fold split of ``sparsity-router eval``
 with that seed), scores the supervised default ``probe LR + kNN`` twice on the same folds, with
-exactly the product's code path (``router.evaluate``): stacked with the vote on layer 12's token
-mean alone, and with votes on layers 12 and 18 (:func:`router.evaluate.neighbour_blocks` below
+exactly the product's code path (:mod:`evaluation`): stacked with the vote on layer 12's token
+mean alone, and with votes on layers 12 and 18 (:func:`evaluation.recipes.neighbour_blocks` below
 and from ``SECOND_VOTE_FROM`` labelled prompts). Prints one markdown row per set and
 split: both APGRs, their difference (the baseline is the one-vote router of the same run) and
 the folds where the second vote helps. Features come from the ``eval`` feature cache (probed
@@ -28,10 +28,13 @@ import os
 import numpy as np
 
 from bench._data import data_root
-from probes.probe import ProbeSettings, SparsityProbe
-from router import evaluate as E
-from router.eval_cli import feature_table
-from router.outcomes import OutcomeSet, read_outcomes
+from evaluation.crossval import cv_stacked, fold_ids
+from evaluation.outcomes import OutcomeSet, read_outcomes
+from evaluation.recipes import SECOND_VOTE_FROM, neighbour_blocks, supervised_features
+from evaluation.tables import block_vectors, feature_table, supervised_matrix
+from probes.neighbours import DEFAULT_K
+from probes.probe import SparsityProbe
+from probes.types import ProbeSettings
 
 
 def load(name: str, root: Path) -> OutcomeSet:
@@ -51,12 +54,17 @@ def load(name: str, root: Path) -> OutcomeSet:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=None, help="default: ../shared/data")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     parser.add_argument("--sets", default="gsm8k,mmlu-2000,mmlu-14037")
     parser.add_argument("--seeds", default="0,1,2,3", help="fold-split seeds")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = args.data or data_root()
+    root = data_root(args.data)
     probe = SparsityProbe(ProbeSettings())
     print(
         "| set | labelled | split seed | one vote (L12) | two votes (L12 + L18) | diff | "
@@ -66,14 +74,14 @@ def main() -> int:
     for name in args.sets.split(","):
         data = load(name.strip(), root)
         table = feature_table(probe, data.prompts, None, progress=True)
-        X, names = E.supervised_matrix(table, E.supervised_features(probe.n_layers))
-        one = E.neighbour_blocks(probe.n_layers, E.SECOND_VOTE_FROM - 1)
-        two = E.neighbour_blocks(probe.n_layers, E.SECOND_VOTE_FROM)
-        vectors = {b: E._block_vectors(table, b) for b in two}
+        X, names = supervised_matrix(table, supervised_features(probe.n_layers))
+        one = neighbour_blocks(probe.n_layers, SECOND_VOTE_FROM - 1)
+        two = neighbour_blocks(probe.n_layers, SECOND_VOTE_FROM)
+        vectors = {b: block_vectors(table, b) for b in two}
         for seed in (int(s) for s in args.seeds.split(",")):
-            folds = E.fold_ids(data.small, data.large, 5, seed)
+            folds = fold_ids(data.small, data.large, 5, seed)
             runs = [
-                E._cv_stacked(
+                cv_stacked(
                     "probe LR + kNN",
                     X,
                     names,
@@ -81,7 +89,7 @@ def main() -> int:
                     data,
                     folds,
                     blocks,
-                    E.DEFAULT_K,
+                    DEFAULT_K,
                     "",
                 )
                 for blocks in (one, two)

@@ -1,4 +1,6 @@
-"""How much routing signal is in the probe's sparsity? A benchmark on ../shared/data.
+"""How much routing signal is in the probe's sparsity? A benchmark on public data sets.
+
+Data: the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md).
 
 Run: ``.venv/bin/python bench/signal.py [--out bench/results] [--mmlu-n 2000] [--cache DIR]``
 
@@ -57,7 +59,7 @@ from bench._data import (
     read_mmlu,
     shuffle_words,
 )
-from policies.evaluation import (
+from evaluation.metrics import (
     apgr,
     auroc,
     cpt,
@@ -147,8 +149,9 @@ class Extractor:
 
     def __init__(self, cache: Path, max_tokens: int, deadline: float | None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from probes.metrics import METRIC_NAMES
-        from probes.probe import PROBE_VERSION, ProbeSettings, SparsityProbe
+        from probes.metric_names import METRIC_NAMES
+        from probes.probe import SparsityProbe
+        from probes.types import PROBE_VERSION, ProbeSettings
 
         self.probe = SparsityProbe(
             ProbeSettings(
@@ -204,7 +207,7 @@ class Extractor:
         )
 
     def _compute(self, name: str, chunk: list[Any], path: Path) -> None:
-        from probes.metrics import sparsity
+        from probes.metric_names import sparsity
 
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise BudgetExhausted(name)
@@ -236,7 +239,8 @@ class Extractor:
         of the full model's forward pass (LM head included, no cache) on the same batches."""
         import torch
 
-        from probes.probe import ProbeSettings, SparsityProbe
+        from probes.probe import SparsityProbe
+        from probes.types import ProbeSettings
 
         def best_of(run: Callable[[], object]) -> float:
             run()  # warm-up
@@ -1329,7 +1333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mmlu-n", type=int, default=2000)
     parser.add_argument("--shift-n", type=int, default=300, help="GSM8K questions to perturb")
     parser.add_argument("--cache", type=Path, default=None, help="feature cache folder")
-    parser.add_argument("--data", type=Path, default=None, help="benchmark data folder")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
+    )
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument(
         "--max-minutes", type=float, default=None,
@@ -1342,7 +1351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     started = time.monotonic()
-    from probes.model import cache_dir
+    from probes.cache import cache_dir
 
     cache = args.cache or cache_dir() / "bench"
     deadline = None if args.max_minutes is None else started + 60 * args.max_minutes

@@ -38,7 +38,7 @@ from bench.proxy_overhead import prompts
 from tests.servers import receive_body, serve_lifespan
 
 ROOT = Path(__file__).resolve().parent.parent
-GATEWAY = [sys.executable, "-m", "router.cli", "serve"]
+GATEWAY = [sys.executable, "-m", "cli.main", "serve"]
 PROMPTS = prompts()
 
 

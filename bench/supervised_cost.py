@@ -5,7 +5,7 @@ Run: ``.venv/bin/python bench/supervised_cost.py [--labelled 1319,6000] [--repea
 Builds the default supervised model (``calibrate --labels``: 110 sparsity features + the layer-30
 hidden vectors, last token and token mean, + log length; 1,263 numbers for SmolLM2's width 576)
 on random numbers of the real shapes (the cost does not depend on the values), alone and stacked
-with the default nearest-neighbour votes (router.evaluate.neighbour_blocks: the token mean of
+with the default nearest-neighbour votes (evaluation.recipes.neighbour_blocks: the token mean of
 layer 12, from 2,500 labelled prompts on also layer 18's) on n labelled prompts, and prints per
 request: the
 latency of ``SupervisedModel.predict`` on one probe result (median and p99 over ``--repeat``
@@ -26,10 +26,10 @@ import time
 
 import numpy as np
 
+from evaluation.recipes import neighbour_blocks, sparsity_features, supervised_features
 from probes.neighbours import NeighbourVote
-from probes.probe import ProbeResult
 from probes.supervised import LENGTH_FEATURE, SupervisedModel
-from router.evaluate import neighbour_blocks, sparsity_features, supervised_features
+from probes.types import ProbeResult
 
 WIDTH = 576
 LAYERS = 30

@@ -1,4 +1,4 @@
-"""policies (see ../shared/DESIGN.md)."""
+"""The YAML configuration (schema, loader) and the policy engine (docs/architecture.md)."""
 
 from __future__ import annotations
 

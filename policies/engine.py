@@ -16,6 +16,11 @@ How a policy decides:
 2. A condition that cannot be evaluated (no percentile because no calibration was loaded, a
    metric the result lacks, NaN) does not match.
 3. No rule matched: the policy's ``default`` (rule ``"default"``).
+4. A request with no readable text (``RequestContext.has_text`` false: only image, audio or
+   file parts, or blank text) is never probed and never a probe error: its request-side
+   conditions (``has_text: false`` among them) are checked as usual, and the first rule that
+   would need the probe, or the end of the rules, sends it to the policy's ``on_no_text``
+   action (default: its ``default`` action), rule ``"no_text"``.
 
 ``share: s`` rules match ``percentile >= threshold_for_share(cumulative share)``, by default
 ``1 - cumulative share``: shares 0.02 then 0.28 give thresholds 0.98 and 0.70.
@@ -36,13 +41,22 @@ from types import MappingProxyType
 from policies.errors import PolicyError
 from policies.experiments import ExperimentRouter
 from policies.schema import Condition, Settings
-from probes.probe import ProbeResult
+from probes.types import ProbeResult
 
-__all__ = ["DEFAULT_RULE", "ON_PROBE_ERROR_RULE", "Decision", "PolicyEngine", "RequestContext"]
+__all__ = [
+    "DEFAULT_RULE",
+    "NO_TEXT_RULE",
+    "ON_PROBE_ERROR_RULE",
+    "Decision",
+    "PolicyEngine",
+    "RequestContext",
+]
 
-#: ``Decision.rule`` when no rule matched / when the probe result a rule needed was missing.
+#: ``Decision.rule`` when no rule matched / when the probe result a rule needed was missing /
+#: when the request held no text to probe.
 DEFAULT_RULE = "default"
 ON_PROBE_ERROR_RULE = "on_probe_error"
+NO_TEXT_RULE = "no_text"
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -53,12 +67,15 @@ class RequestContext:
 
     ``headers`` names are lower-cased on construction (any mapping is accepted, e.g.
     starlette's ``Headers``); ``metadata`` is the request body's ``metadata`` object.
+    ``has_text``: the request holds readable text (False: only image, audio or file parts, or
+    blank text; there is nothing to probe).
     """
 
     model: str | None = None
     user: str | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    has_text: bool = True
 
     def __post_init__(self) -> None:
         headers = MappingProxyType({str(k).lower(): v for k, v in self.headers.items()})
@@ -71,8 +88,8 @@ class Decision:
     """Where a request goes and why.
 
     ``fallbacks``: backends to try, in order, when ``backend`` fails. ``rule``: the matching
-    rule's name, ``"default"`` or ``"on_probe_error"``. ``probe_error``: the policy needed a
-    probe result and had none (the probe failed, timed out or was not run).
+    rule's name, ``"default"``, ``"on_probe_error"`` or ``"no_text"``. ``probe_error``: the
+    policy needed a probe result and had none (the probe failed, timed out or was not run).
     """
 
     backend: str
@@ -104,6 +121,8 @@ class _Policy:
     default_fallbacks: tuple[str, ...]
     on_probe_error: str
     on_probe_error_fallbacks: tuple[str, ...]
+    on_no_text: str
+    on_no_text_fallbacks: tuple[str, ...]
     needs_probe: bool
 
 
@@ -164,6 +183,7 @@ class PolicyEngine:
                 )
             )
         default = policy.default
+        no_text = policy.on_no_text or default
         return _Policy(
             name=name,
             rules=tuple(rules),
@@ -171,6 +191,8 @@ class PolicyEngine:
             default_fallbacks=self.fallback_chain(default.route, default.fallback),
             on_probe_error=policy.on_probe_error,
             on_probe_error_fallbacks=self.fallback_chain(policy.on_probe_error),
+            on_no_text=no_text.route,
+            on_no_text_fallbacks=self.fallback_chain(no_text.route, no_text.fallback),
             needs_probe=any(r.needs_probe for r in rules),
         )
 
@@ -256,6 +278,8 @@ class PolicyEngine:
     ) -> Decision:
         """Route one request. Pure; raises only :class:`PolicyError` for an unknown policy."""
         policy = self._policy(policy_name)
+        if not context.has_text:
+            return self._decide_no_text(policy, context)
         probe = None if probe_failed else result
         missing = probe is None and policy.needs_probe
         for rule in policy.rules:
@@ -292,6 +316,32 @@ class PolicyEngine:
             policy=policy.name,
             reason="no rule matched",
             probe_error=missing,
+        )
+
+    def _decide_no_text(self, policy: _Policy, context: RequestContext) -> Decision:
+        """A request with nothing to probe: request-side rules, then ``on_no_text``."""
+        cause = "no rule matched"
+        for rule in policy.rules:
+            why = _context_reasons(rule.when, context)
+            if why is None:
+                continue
+            if rule.needs_probe:
+                cause = f"rule {rule.name} needs the probe"
+                break
+            return Decision(
+                backend=rule.route,
+                fallbacks=rule.fallbacks,
+                rule=rule.name,
+                policy=policy.name,
+                reason=f"rule {rule.name}: " + "; ".join(why),
+            )
+        return Decision(
+            backend=policy.on_no_text,
+            fallbacks=policy.on_no_text_fallbacks,
+            rule=NO_TEXT_RULE,
+            policy=policy.name,
+            reason=f"the request holds no text to probe (only image, audio or file parts, or "
+            f"blank text) and {cause}",
         )
 
     def _probe_reasons(self, rule: _Rule, result: ProbeResult) -> list[str] | None:
@@ -361,6 +411,10 @@ def _context_reasons(when: Condition, context: RequestContext) -> list[str] | No
     why: list[str] = []
     if when.always:
         why.append("always")
+    if when.has_text is not None:
+        if when.has_text != context.has_text:
+            return None
+        why.append("has text" if context.has_text else "no text")
     if when.model is not None:
         if context.model is None or context.model not in when.model:
             return None

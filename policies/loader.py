@@ -1,5 +1,6 @@
 """YAML -> :class:`~policies.schema.Settings`, with environment interpolation and errors that
-point at the offending line.
+point at the offending line. What each key means: ``docs/configuration.md`` (generated from the
+schema by :mod:`policies.reference`).
 
 Interpolation applies to every scalar *value* (not to keys) before validation:
 

@@ -40,9 +40,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from probes.errors import CalibrationError
 from probes.supervised import SupervisedModel
+from probes.types import ProbeInput, ProbeResult
 
 if TYPE_CHECKING:
-    from probes.probe import ProbeInput, ProbeResult, SparsityProbe
+    from probes.probe import SparsityProbe
 
 __all__ = [
     "CALIBRATION_FORMAT",

@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from probes.cache import COMPLETE_MARKER, cache_dir, file_lock
+from probes.catalog import DEFAULT_MODEL
 from probes.errors import ModelLoadError, ProbeInputError
-from probes.model import _COMPLETE_MARKER, DEFAULT_MODEL, _file_lock, cache_dir, model_dir
+from probes.model import model_dir
 
 __all__ = [
     "DERIVED_INFO",
@@ -102,7 +104,7 @@ def _source_digest(source: Path) -> str:
     """
     digest = hashlib.sha256(f"format={_FORMAT}".encode())
     for file in sorted(p for p in source.iterdir() if p.is_file()):
-        if file.name in (_COMPLETE_MARKER, DERIVED_INFO) or file.name.endswith(".lock"):
+        if file.name in (COMPLETE_MARKER, DERIVED_INFO) or file.name.endswith(".lock"):
             continue
         size = file.stat().st_size
         digest.update(f"|{file.name}|{size}|".encode())
@@ -138,10 +140,10 @@ def derive_probe_model(spec: str = DEFAULT_MODEL, layer: int = 10) -> DerivedMod
         hidden_size=int(config["hidden_size"]),
     )
     final = out.path
-    if (final / _COMPLETE_MARKER).is_file():
+    if (final / COMPLETE_MARKER).is_file():
         return out
-    with _file_lock(final.parent / (final.name + ".lock")):
-        if (final / _COMPLETE_MARKER).is_file():
+    with file_lock(final.parent / (final.name + ".lock")):
+        if (final / COMPLETE_MARKER).is_file():
             return out
         for stale in final.parent.glob(final.name + ".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -151,7 +153,7 @@ def derive_probe_model(spec: str = DEFAULT_MODEL, layer: int = 10) -> DerivedMod
             _write_derived(source, config, resolved, tmp)
             info = {"source": str(source), "spec": spec, "layer": resolved, "source_layers": n}
             (tmp / DERIVED_INFO).write_text(json.dumps(info, indent=2) + "\n")
-            (tmp / _COMPLETE_MARKER).write_text(str(source) + "\n")
+            (tmp / COMPLETE_MARKER).write_text(str(source) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -209,7 +211,7 @@ def _write_derived(source: Path, config: dict[str, Any], layer: int, out: Path) 
             not in (
                 "config.json",
                 "model.safetensors.index.json",
-                _COMPLETE_MARKER,
+                COMPLETE_MARKER,
             )
         ):
             shutil.copy2(file, out / file.name)

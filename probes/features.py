@@ -1,7 +1,7 @@
 """Probe feature tables for offline evaluation and supervised calibration, cached on disk.
 
 :func:`extract` runs the probe over many prompts in one pass per batch and returns, for every
-prompt, the oriented sparsity (higher = sparser, :func:`probes.metrics.sparsity`) of every
+prompt, the oriented sparsity (higher = sparser, :func:`probes.metric_names.sparsity`) of every
 requested layer x metric x position ("last" token and token "mean"), the token count, whether the
 prompt was tail-truncated, and, when asked, the small model's own perplexity of the prompt (mean
 negative log-likelihood of the user's text under the LM head, read from the same forward pass).
@@ -10,9 +10,10 @@ Results are cached per prompt under ``cache_dir/<fingerprint digest>/`` in ``.np
 by a hash of the exact rendered prompt, so a re-run, or a run on an overlapping prompt set, only
 probes what is new. Chunks are written as they finish, so an interrupted run resumes.
 
-Feature names look like ``L10.top10_energy.last`` or ``L28.top1_energy.mean``;
-:func:`feature_value` reads one from a :class:`~probes.probe.ProbeResult`, which is how a fitted
-model is applied to a live request.
+Feature names look like ``L10.top10_energy.last`` or ``L28.top1_energy.mean``
+(:mod:`probes.feature_names`, re-exported here); :func:`feature_value` reads one from a
+:class:`~probes.types.ProbeResult`, which is how a fitted model is applied to a live request.
+The table itself, :class:`~probes.feature_table.FeatureTable`, needs no torch.
 
 With ``state_layers``, the table also holds the probe's pooled hidden vectors at those layers
 (last token and token mean, the probe's own representation of the prompt); one coordinate is the
@@ -28,18 +29,40 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
-if TYPE_CHECKING:
-    from probes.probe import ProbeInput, ProbeResult, SparsityProbe
+from probes.cache import eval_cache_dir
+from probes.feature_names import (
+    POSITIONS,
+    STATE,
+    expand_features,
+    feature_name,
+    feature_value,
+    is_state_feature,
+    parse_feature,
+    parse_state_block,
+    parse_state_feature,
+    state_block,
+    state_feature,
+)
+from probes.feature_table import FeatureTable
+from probes.metric_names import HIGHER_IS_SPARSER
+from probes.metrics import compute_all
+from probes.pooling import mean_weights, pooled_states
+from probes.probe import SparsityProbe
+from probes.types import ProbeInput
 
 __all__ = [
+    # the grammar (probes.feature_names) and the table (probes.feature_table) are re-exported;
+    # import them from there
     "FEATURES_FORMAT",
+    "POSITIONS",
+    "STATE",
     "FeatureTable",
     "default_cache_dir",
     "expand_features",
@@ -58,132 +81,13 @@ logger = logging.getLogger(__name__)
 
 #: Bumped when the cached numbers change meaning.
 FEATURES_FORMAT: Final = "features-v1"
-POSITIONS: Final = ("last", "mean")
 CHUNK: Final = 128
-
-FloatArray = NDArray[np.float64]
 
 
 def default_cache_dir() -> Path:
-    """``$SPARSITY_ROUTER_CACHE/eval`` or ``~/.cache/sparsity-router/eval``."""
-    root = os.environ.get("SPARSITY_ROUTER_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "sparsity-router"
-    return base / "eval"
-
-
-def feature_name(layer: int, metric: str, position: str) -> str:
-    return f"L{layer}.{metric}.{position}"
-
-
-def parse_feature(name: str) -> tuple[int, str, str]:
-    """``"L10.top10_energy.last"`` -> ``(10, "top10_energy", "last")``; ValueError otherwise."""
-    parts = name.split(".")
-    if len(parts) != 3 or not parts[0].startswith("L") or parts[2] not in POSITIONS:
-        raise ValueError(
-            f"feature {name!r} must look like 'L<layer>.<metric>.<last|mean>', "
-            "e.g. 'L10.top10_energy.last'"
-        )
-    try:
-        layer = int(parts[0][1:])
-    except ValueError:
-        raise ValueError(f"feature {name!r}: {parts[0]!r} is not L<layer number>") from None
-    return layer, parts[1], parts[2]
-
-
-#: The "metric" part of a hidden-vector coordinate's name: ``L30.state.last.17``.
-STATE: Final = "state"
-
-
-def state_block(layer: int, position: str) -> str:
-    """The key of one pooled vector in ``ProbeResult.states`` and ``FeatureTable.states``."""
-    return f"L{layer}.{position}"
-
-
-def state_feature(layer: int, position: str, index: int) -> str:
-    return f"L{layer}.{STATE}.{position}.{index}"
-
-
-def is_state_feature(name: str) -> bool:
-    """Whether ``name`` names a hidden-vector coordinate (``L30.state.last.17``)."""
-    parts = name.split(".")
-    return len(parts) == 4 and parts[1] == STATE
-
-
-def parse_state_feature(name: str) -> tuple[int, str, int]:
-    """``"L30.state.mean.17"`` -> ``(30, "mean", 17)``; ValueError otherwise."""
-    parts = name.split(".")
-    ok = len(parts) == 4 and parts[0].startswith("L") and parts[1] == STATE
-    if ok and parts[2] in POSITIONS and parts[0][1:].isdigit() and parts[3].isdigit():
-        return int(parts[0][1:]), parts[2], int(parts[3])
-    raise ValueError(
-        f"feature {name!r} must look like 'L<layer>.state.<last|mean>.<index>', "
-        "e.g. 'L30.state.last.17'"
-    )
-
-
-def parse_state_block(name: str) -> tuple[int, str] | None:
-    """``"L30.state.last"`` (a whole hidden vector) -> ``(30, "last")``; None for other names."""
-    parts = name.split(".")
-    if len(parts) != 3 or parts[1] != STATE:
-        return None
-    layer, _, position = parse_feature(name)
-    return layer, position
-
-
-def expand_features(
-    names: Sequence[str], width: int | Callable[[int, str], int]
-) -> tuple[str, ...]:
-    """``names`` with every block ``L<layer>.state.<position>`` spelled out coordinate by
-    coordinate (``width`` of them, or ``width(layer, position)``); other names unchanged."""
-    out: list[str] = []
-    for name in names:
-        block = parse_state_block(name)
-        if block is None:
-            out.append(name)
-        else:
-            n = width if isinstance(width, int) else width(*block)
-            out.extend(state_feature(*block, i) for i in range(n))
-    return tuple(out)
-
-
-def feature_value(result: ProbeResult, layer: int, metric: str, position: str) -> float:
-    """The oriented sparsity of one feature in a probe result (KeyError when not measured)."""
-    from probes.metrics import sparsity
-
-    table = result.metrics if position == "last" else result.metrics_mean
-    if table is None:
-        raise KeyError("token-mean metrics were not measured (set probe.token_mean: true)")
-    return sparsity(metric, table[layer][metric])
-
-
-@dataclass(slots=True)
-class FeatureTable:
-    """Features of n prompts: ``values[:, j]`` is feature ``names[j]``."""
-
-    names: tuple[str, ...]
-    values: FloatArray  # (n, k)
-    n_tokens: FloatArray  # (n,)
-    truncated: NDArray[np.bool_]  # (n,)
-    nll: FloatArray  # (n,) mean NLL of the prompt under the probe's LM head (nan: not computed)
-    states: dict[str, NDArray[np.float32]] = field(default_factory=dict)  # "L30.last" -> (n, d)
-
-    def column(self, name: str) -> FloatArray:
-        if is_state_feature(name):
-            layer, position, index = parse_state_feature(name)
-            block = self.states.get(state_block(layer, position))
-            if block is None:
-                raise KeyError(f"{name}: layer {layer}'s hidden vectors were not extracted")
-            return block[:, index].astype(np.float64)
-        return self.values[:, self.names.index(name)]
-
-    def matrix(self, names: Sequence[str]) -> FloatArray:
-        """The columns ``names`` side by side (KeyError/ValueError for one not in the table)."""
-        if not names:
-            return np.zeros((len(self), 0))
-        return np.column_stack([self.column(n) for n in names])
-
-    def __len__(self) -> int:
-        return int(self.values.shape[0])
+    """``$SPARSITY_ROUTER_CACHE/eval`` or ``~/.cache/sparsity-router/eval``
+    (:func:`probes.cache.eval_cache_dir`)."""
+    return eval_cache_dir()
 
 
 def _digest(text: str) -> str:
@@ -344,11 +248,6 @@ def _compute(
     bar: Any,
     state_layers: Sequence[int] = (),
 ) -> tuple[_Rows, dict[str, NDArray[np.float32]]]:
-    import torch
-
-    from probes.metrics import METRICS, compute_all
-    from probes.probe import _mean_weights, pooled_states
-
     encoded = [probe.encode(x, i) for i, x in enumerate(items)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     k = len(layers) * len(metrics)
@@ -362,7 +261,7 @@ def _compute(
         rows = order[start : start + batch_size]
         batch = [encoded[i][0] for i in rows]
         states, mask = probe.hidden_states(batch)
-        weights = _mean_weights(mask)
+        weights = mean_weights(mask)
         for block, vecs in pooled_states(states, weights, state_layers).items():
             if block not in states_out:
                 states_out[block] = np.zeros((len(items), vecs.shape[1]), dtype=np.float32)
@@ -372,7 +271,7 @@ def _compute(
             last = compute_all(h[:, -1, :], metrics)
             per_token = compute_all(h, metrics)
             for mi, m in enumerate(metrics):
-                flip = not METRICS[m].higher_is_sparser
+                flip = not HIGHER_IS_SPARSER[m]
                 lv = last[m].double().cpu().numpy()
                 mv = (per_token[m] * weights).sum(-1).double().cpu().numpy()
                 values[rows, li * len(metrics) + mi] = 1.0 - lv if flip else lv

@@ -27,12 +27,10 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from probes.errors import ProbeInputError
-
-if TYPE_CHECKING:
-    from probes.probe import ProbeInput
+from probes.types import ProbeInput
 
 __all__ = ["DEFAULT_FIELD", "InputFormat", "detect_format", "read_inputs"]
 

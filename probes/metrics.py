@@ -21,7 +21,8 @@ Gini (d−1)/d, outlier fraction 1/d); a constant vector is minimally sparse (to
 effective rank 1, Hoyer 0, Gini 0, outlier fraction 1).
 
 :func:`sparsity` turns a value into the shared orientation "higher = sparser" (``1 − value`` for
-the two "lower" metrics), which is what probe scores use.
+the two "lower" metrics), which is what probe scores use. The names, directions and
+:func:`sparsity` live in the torch-free :mod:`probes.metric_names` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from probes.metric_names import HIGHER_IS_SPARSER, METRIC_DESCRIPTIONS, METRIC_NAMES, sparsity
 
 __all__ = [
     "METRICS",
@@ -122,24 +125,20 @@ class Metric:
     description: str
 
 
-METRICS: Mapping[str, Metric] = {
-    m.name: m
-    for m in (
-        Metric("top1_energy", lambda h: top_k_energy(h, 0.01), True, "top-1% energy share"),
-        Metric("top5_energy", lambda h: top_k_energy(h, 0.05), True, "top-5% energy share"),
-        Metric("top10_energy", lambda h: top_k_energy(h, 0.10), True, "top-10% energy share"),
-        Metric("effective_rank", effective_rank, False, "exp(entropy of h²/‖h‖²)/d"),
-        Metric("hoyer", hoyer, True, "Hoyer sparsity"),
-        Metric("gini", gini, True, "Gini coefficient of |h|"),
-        Metric("outlier_frac", outlier_frac, False, "share of |h_i| ≥ mean+std"),
-    )
+_FUNCTIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "top1_energy": lambda h: top_k_energy(h, 0.01),
+    "top5_energy": lambda h: top_k_energy(h, 0.05),
+    "top10_energy": lambda h: top_k_energy(h, 0.10),
+    "effective_rank": effective_rank,
+    "hoyer": hoyer,
+    "gini": gini,
+    "outlier_frac": outlier_frac,
 }
-METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
 
-
-def sparsity(name: str, value: float) -> float:
-    """Orient a metric value so that higher means sparser (``1 − value`` for "lower" metrics)."""
-    return value if METRICS[name].higher_is_sparser else 1.0 - value
+METRICS: Mapping[str, Metric] = {
+    name: Metric(name, _FUNCTIONS[name], HIGHER_IS_SPARSER[name], METRIC_DESCRIPTIONS[name])
+    for name in METRIC_NAMES
+}
 
 
 def compute_all(h: torch.Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict[str, torch.Tensor]:

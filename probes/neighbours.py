@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from probes.features import parse_state_block, state_block
+from probes.feature_names import parse_state_block, state_block
 
 __all__ = ["DEFAULT_K", "NeighbourVote", "decode_array", "encode_array"]
 

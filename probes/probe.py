@@ -10,219 +10,65 @@ activations, is left out of the average).
 Layer numbering follows transformers' ``output_hidden_states``: 0 is the embedding output,
 ``i`` the output of decoder layer ``i``, and the last layer (``n`` or ``-1``) is taken after the
 final norm. Negative indices count from the end.
+
+The values that cross rooms (:class:`~probes.types.ProbeSettings`,
+:class:`~probes.types.ProbeResult`, :data:`~probes.types.ProbeInput`, :func:`probe_fingerprint`)
+live in the torch-free :mod:`probes.types` and are re-exported here; import them from there.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import inspect
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from probes.encoding import PromptEncoder
 from probes.errors import ProbeInputError
-from probes.metrics import METRIC_NAMES, METRICS, compute_all, sparsity
-from probes.model import DEFAULT_MODEL, LoadedModel, load_model
+from probes.metric_names import sparsity
+from probes.metrics import compute_all
+from probes.model import LoadedModel, load_model
+from probes.pooling import mean_weights, pooled_states
+from probes.types import (
+    PROBE_VERSION,
+    Message,
+    Position,
+    ProbeInput,
+    ProbeResult,
+    ProbeSettings,
+    probe_fingerprint,
+)
 
 __all__ = [
+    # re-exported from the torch-free probes.types (import them from there)
     "PROBE_VERSION",
+    "Message",
     "Position",
+    "ProbeAbandoned",
     "ProbeInput",
     "ProbeResult",
     "ProbeSettings",
     "SparsityProbe",
+    "pooled_states",
     "probe_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever a change alters probe numbers; part of the fingerprint calibrations check.
-PROBE_VERSION = "1"
-
-Position = Literal["last", "mean"]
-Message = Mapping[str, Any]
-ProbeInput = str | Sequence[Message]
-
-
-class ProbeSettings(BaseModel):
-    """How to probe. Defaults are the configuration chosen from ``bench/signal.py``.
-
-    The default score is the top-10% energy at layer 10 of 30, last prompt token: on held-out
-    halves it separates character noise (AUROC 0.98) and random tokens (0.92) from clean GSM8K
-    and rises with MATH-500 difficulty (Spearman 0.29, p = 3e-6), while running a third of
-    the layers (0.28x the latency of a full forward). The paper's last layer detects shift
-    slightly better but costs 0.76x; see bench/results/signal.md.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(DEFAULT_MODEL, description="hub id, local dir, .gguf file or bundled:NAME")
-    device: str = "auto"
-    dtype: str = "auto"
-    layers: tuple[int, ...] = Field((10,), description="layers to report (negative from the end)")
-    metrics: tuple[str, ...] = METRIC_NAMES
-    score_metric: str = "top10_energy"
-    score_layer: int | None = Field(None, description="None: the last entry of layers")
-    score_position: Position = "last"
-    token_mean: bool = Field(False, description="also report metrics averaged over tokens")
-    state_layers: tuple[int, ...] = Field(
-        (),
-        description="layers whose hidden vectors (last token and token mean) results carry, "
-        "for a supervised model on the probe's own representation (negative from the end)",
-    )
-    max_tokens: int = Field(512, ge=2, le=131072)
-    batch_size: int = Field(16, ge=1, le=1024)
-    chat_template: bool = True
-    system_prompt: str | None = None
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: leave)")
-    prefix_cache: bool = Field(
-        False,
-        description="compute the chat template's constant opening (system prompt, 'user' header) "
-        "once and reuse its keys/values: same numbers up to float rounding, ~20-30% less work "
-        "on typical prompts",
-    )
-
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [m for m in v if m not in METRICS]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRIC_NAMES)}")
-        if not v:
-            raise ValueError("at least one metric is needed")
-        return v
-
-    @field_validator("score_metric")
-    @classmethod
-    def _known_score_metric(cls, v: str) -> str:
-        if v not in METRICS:
-            raise ValueError(f"unknown metric {v!r}; known: {', '.join(METRIC_NAMES)}")
-        return v
-
-    @field_validator("layers")
-    @classmethod
-    def _some_layers(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v:
-            raise ValueError("at least one layer is needed")
-        return v
-
-    @model_validator(mode="after")
-    def _score_is_measured(self) -> ProbeSettings:
-        if self.score_metric not in self.metrics:
-            raise ValueError(f"score_metric {self.score_metric!r} must be one of metrics")
-        return self
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    """What the probe measured on one input.
-
-    ``metrics[layer][name]`` holds raw metric values at the last prompt token;
-    ``metrics_mean`` the same averaged over tokens (when enabled). ``score`` is the configured
-    headline metric oriented so that higher = sparser (less familiar ground); ``percentile`` is
-    filled in by a calibration.
-    """
-
-    n_tokens: int
-    score: float
-    metrics: Mapping[int, Mapping[str, float]]
-    metrics_mean: Mapping[int, Mapping[str, float]] | None = None
-    truncated: bool = False
-    percentile: float | None = None
-    p_large: float | None = None  # P(large model does better), from a supervised calibration
-    # settings.state_layers: "L30.last" / "L30.mean" -> the pooled hidden vector (float32 values)
-    states: Mapping[str, tuple[float, ...]] | None = None
-
-    def value(self, layer: int, name: str, position: Position = "last") -> float:
-        table = self.metrics if position == "last" else self.metrics_mean
-        if table is None:
-            raise KeyError("token-mean metrics were not computed (set token_mean)")
-        return table[layer][name]
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "n_tokens": self.n_tokens,
-            "score": self.score,
-            "percentile": self.percentile,
-            "p_large": self.p_large,
-            "truncated": self.truncated,
-            "metrics": _layers_to_json(self.metrics),
-        }
-        if self.metrics_mean is not None:
-            out["metrics_mean"] = _layers_to_json(self.metrics_mean)
-        if self.states:
-            out["states"] = {k: _vector_to_text(v) for k, v in self.states.items()}
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
-        mean = data.get("metrics_mean")
-        pct = data.get("percentile")
-        p_large = data.get("p_large")
-        states = data.get("states")
-        return cls(
-            n_tokens=int(data["n_tokens"]),
-            score=float(data["score"]),
-            metrics=_layers_from_json(data["metrics"]),
-            metrics_mean=_layers_from_json(mean) if mean is not None else None,
-            truncated=bool(data.get("truncated", False)),
-            percentile=None if pct is None else float(pct),
-            p_large=None if p_large is None else float(p_large),
-            states={str(k): _vector_from_text(v) for k, v in states.items()} if states else None,
-        )
-
-
-def _layers_to_json(table: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    return {f"L{layer}": dict(values) for layer, values in table.items()}
-
-
-def _vector_to_text(vector: Sequence[float]) -> str:
-    """A vector as base64 of little-endian float32 (exact: the values are float32 already)."""
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _vector_from_text(text: str) -> tuple[float, ...]:
-    raw = base64.b64decode(text.encode("ascii"), validate=True)
-    if len(raw) % 4:
-        raise ValueError("a stored hidden vector must be a whole number of float32 values")
-    return tuple(np.frombuffer(raw, dtype="<f4").astype(np.float64).tolist())
-
-
-def pooled_states(
-    states: Mapping[int, torch.Tensor], weights: torch.Tensor, layers: Iterable[int]
-) -> dict[str, torch.Tensor]:
-    """``{"L<layer>.last": (B, d), "L<layer>.mean": (B, d)}``: each layer's hidden vector at the
-    last prompt token and averaged over tokens with ``weights`` (``_mean_weights``), float32."""
-    from probes.features import state_block
-
-    out: dict[str, torch.Tensor] = {}
-    for layer in layers:
-        h = states[layer].float()
-        out[state_block(layer, "last")] = h[:, -1, :]
-        out[state_block(layer, "mean")] = (h * weights[..., None]).sum(1)
-    return out
-
-
-def _layers_from_json(table: Mapping[str, Mapping[str, Any]]) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = {}
-    for key, values in table.items():
-        if not key.startswith("L"):
-            raise ValueError(f"layer key {key!r} must look like 'L12'")
-        out[int(key[1:])] = {str(k): float(v) for k, v in values.items()}
-    return out
-
 
 class _StopForward(Exception):
     """Raised from a forward hook once the deepest needed layer has run."""
+
+
+class ProbeAbandoned(Exception):
+    """A pass given a ``stop`` callable ended early because it returned True (nobody was
+    waiting for the results any more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,32 +103,6 @@ def _decoder_parts(model: Any) -> tuple[Any, nn.ModuleList, nn.Module | None]:
         f"cannot find the decoder layers of {type(model).__name__}: the probe supports "
         "decoder-only models whose base exposes .layers (Llama, Mistral, Qwen, ...) or .h (GPT-2)"
     )
-
-
-def probe_fingerprint(
-    settings: ProbeSettings,
-    *,
-    n_layers: int,
-    hidden_size: int,
-    dtype: torch.dtype,
-    score_layer: int,
-) -> dict[str, Any]:
-    """The fingerprint of a probe with these settings on a model of this shape: the local probe
-    and the remote one (router.remote_probe) share it, so calibrations carry over."""
-    s = settings
-    return {
-        "model": s.model,
-        "n_layers": n_layers,
-        "hidden_size": hidden_size,
-        "dtype": str(dtype).removeprefix("torch."),
-        "layer": score_layer,
-        "metric": s.score_metric,
-        "position": s.score_position,
-        "max_tokens": s.max_tokens,
-        "chat_template": s.chat_template,
-        "system_prompt": s.system_prompt,
-        "code_version": PROBE_VERSION,
-    }
 
 
 class SparsityProbe:
@@ -387,19 +207,33 @@ class SparsityProbe:
     def measure_one(self, item: ProbeInput) -> ProbeResult:
         return self.measure([item])[0]
 
+    def measure_encoded(
+        self,
+        encoded: Sequence[tuple[list[int], bool]],
+        *,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[ProbeResult]:
+        """One padded forward pass over inputs already encoded with :meth:`encode` (ids, cut),
+        results in input order. ``stop`` is asked before the pass and before every layer; once
+        it returns True the pass ends and :class:`ProbeAbandoned` is raised."""
+        chunk = [_Encoded(ids, truncated, i) for i, (ids, truncated) in enumerate(encoded)]
+        return self._measure_batch(chunk, stop=stop)
+
     def hidden_states(
-        self, batch: Sequence[list[int]]
+        self, batch: Sequence[list[int]], *, stop: Callable[[], bool] | None = None
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Left-padded forward pass; returns ({layer: (B, T, d) float32}, attention mask (B, T))."""
+        """Left-padded forward pass; returns ({layer: (B, T, d) float32}, attention mask (B, T)).
+
+        ``stop``: see :meth:`measure_encoded`."""
         if self.settings.prefix_cache:
             prefix = self._template_prefix()
             if prefix is not None and all(
                 len(ids) > len(prefix.ids) and ids[: len(prefix.ids)] == prefix.ids for ids in batch
             ):
-                return self._hidden_states_after(prefix, batch)
+                return self._hidden_states_after(prefix, batch, stop)
         input_ids, mask = self._left_pad(batch)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        return self._forward(input_ids, mask, position_ids), mask
+        return self._forward(input_ids, mask, position_ids, stop=stop), mask
 
     def _left_pad(self, batch: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.loaded.device
@@ -417,9 +251,13 @@ class SparsityProbe:
         input_ids: torch.Tensor,
         mask: torch.Tensor,
         position_ids: torch.Tensor,
+        *,
+        stop: Callable[[], bool] | None = None,
         **model_kwargs: Any,
     ) -> dict[int, torch.Tensor]:
-        """Run the base model up to the deepest layer; the hooked layers' outputs (float32)."""
+        """Run the base model up to the deepest layer; the hooked layers' outputs (float32).
+
+        With ``stop``, asked before every decoder layer: True ends the pass (ProbeAbandoned)."""
         captured: dict[int, torch.Tensor] = {}
         deepest = self.deepest_layer
         handles = []
@@ -428,27 +266,36 @@ class SparsityProbe:
         # only on this thread's forward pass.
         owner = threading.get_ident()
 
-        def grab(layer: int, stop: bool) -> Any:
+        def grab(layer: int, last: bool) -> Any:
             def hook(_module: nn.Module, _args: Any, output: Any) -> None:
                 if threading.get_ident() != owner:
                     return
                 tensor = output[0] if isinstance(output, tuple) else output
                 captured[layer] = tensor.float()
-                if stop:
+                if last:
                     raise _StopForward
 
             return hook
 
+        def check(_module: nn.Module, _args: Any) -> None:
+            if threading.get_ident() == owner and stop is not None and stop():
+                raise ProbeAbandoned("nobody waits for this pass any more")
+
+        if stop is not None and stop():
+            raise ProbeAbandoned("nobody waits for this pass any more")
         try:
+            if stop is not None:
+                for module in self._decoder_layers[: min(deepest, self.n_layers)]:
+                    handles.append(module.register_forward_pre_hook(check))
             for layer in self._hooked:
-                stop = layer == deepest and layer < self.n_layers
+                last = layer == deepest and layer < self.n_layers
                 if layer == 0:
                     module = self._base.get_input_embeddings()
                 elif layer == self.n_layers and self._norm is not None:
                     module = self._norm
                 else:
                     module = self._decoder_layers[layer - 1]
-                handles.append(module.register_forward_hook(grab(layer, stop)))
+                handles.append(module.register_forward_hook(grab(layer, last)))
             with self._lock, torch.inference_mode():
                 try:
                     self._base(
@@ -494,13 +341,14 @@ class SparsityProbe:
                 ids = a[:n]
                 input_ids, mask = self._left_pad([ids])
                 position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-                states = self._forward(input_ids, mask, position_ids, **{kwarg: cache})
+                opening: dict[str, Any] = {kwarg: cache}
+                states = self._forward(input_ids, mask, position_ids, **opening)
                 prefix = _Prefix(ids, cache, {k: v[0] for k, v in states.items()}, kwarg)
         self._prefix, self._prefix_ready = prefix, True
         return prefix
 
     def _hidden_states_after(
-        self, prefix: _Prefix, batch: Sequence[list[int]]
+        self, prefix: _Prefix, batch: Sequence[list[int]], stop: Callable[[], bool] | None = None
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """``hidden_states`` for inputs that start with the prefix: run only what follows it.
 
@@ -516,7 +364,8 @@ class SparsityProbe:
         cache = copy.deepcopy(prefix.cache)
         if rows > 1:
             cache.batch_repeat_interleave(rows)
-        captured = self._forward(input_ids, attention, position_ids, **{prefix.cache_kwarg: cache})
+        past: dict[str, Any] = {prefix.cache_kwarg: cache}
+        captured = self._forward(input_ids, attention, position_ids, stop=stop, **past)
         lengths = [int(n) for n in mask.sum(-1).tolist()]
         full_mask = torch.zeros((rows, p + width), dtype=mask.dtype, device=mask.device)
         states: dict[int, torch.Tensor] = {}
@@ -531,12 +380,14 @@ class SparsityProbe:
             full_mask[row, width - n :] = 1
         return states, full_mask
 
-    def _measure_batch(self, chunk: Sequence[_Encoded]) -> list[ProbeResult]:
-        states, mask = self.hidden_states([e.ids for e in chunk])
+    def _measure_batch(
+        self, chunk: Sequence[_Encoded], *, stop: Callable[[], bool] | None = None
+    ) -> list[ProbeResult]:
+        states, mask = self.hidden_states([e.ids for e in chunk], stop=stop)
         names = self.settings.metrics
         last: dict[int, dict[str, list[float]]] = {}
         mean: dict[int, dict[str, list[float]]] = {}
-        weights = _mean_weights(mask) if self.token_mean or self.state_layers else None
+        weights = mean_weights(mask) if self.token_mean or self.state_layers else None
         vectors: dict[str, list[tuple[float, ...]]] = {}
         if self.state_layers:
             assert weights is not None
@@ -572,17 +423,6 @@ class SparsityProbe:
                 )
             )
         return out
-
-
-def _mean_weights(mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) weights averaging over real tokens, leaving out each row's first (sink) token."""
-    m = mask.float()
-    first = torch.zeros_like(m)
-    first.scatter_(1, (mask == 0).sum(-1, keepdim=True).clamp_max(mask.shape[1] - 1), 1.0)
-    keep = m - first
-    single = keep.sum(-1, keepdim=True) == 0  # one-token prompts: use that token
-    keep = torch.where(single, m, keep)
-    return keep / keep.sum(-1, keepdim=True)
 
 
 def _progress(total: int) -> Any:

@@ -2,13 +2,13 @@
 
 A :class:`SupervisedModel` is an L2-regularised logistic regression on standardised probe
 features (oriented sparsity at chosen layers, metrics and positions, see
-:mod:`probes.features`) plus ``log_tokens`` (log of the prompt's token count), fitted on prompts
-labelled with both models' outcomes. The target is "the large model does better": the large
+:mod:`probes.feature_names`) plus ``log_tokens`` (log of the prompt's token count), fitted on
+prompts labelled with both models' outcomes. The target is "the large model does better": the large
 model was right and the small one wrong (not "the small model fails", which also counts prompts
 neither model gets right).
 
 Its features may also be coordinates of the probe's pooled hidden vectors
-(``L30.state.last.17``, see :mod:`probes.features`): the probe's own representation of the
+(``L30.state.last.17``, see :mod:`probes.feature_names`): the probe's own representation of the
 prompt, which routes better than its sparsity alone (bench/results/routing_eval.md). A probe that
 feeds such a model keeps those vectors (``probe.state_layers``).
 
@@ -25,7 +25,7 @@ written before the field existed read as ``"prompt"``.
 
 It is stored as plain JSON (feature names, means, scales, coefficients; no pickle) inside the
 calibration file and carries the probe fingerprint it was fitted with. Applying it to a live
-:class:`~probes.probe.ProbeResult` is a dot product (a few dozen numbers for the sparsity
+:class:`~probes.types.ProbeResult` is a dot product (a few dozen numbers for the sparsity
 features, microseconds; a ~1,200-long numpy dot product with the hidden vectors, ~20 µs).
 """
 
@@ -33,23 +33,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from probes.features import (
+from probes.feature_names import (
     feature_value,
     is_state_feature,
     parse_feature,
     parse_state_feature,
     state_block,
 )
+from probes.metric_names import HIGHER_IS_SPARSER
 from probes.neighbours import NeighbourVote
-
-if TYPE_CHECKING:
-    from probes.probe import ProbeResult
+from probes.types import ProbeResult
 
 __all__ = [
     "LENGTH_FEATURE",
@@ -142,8 +141,6 @@ class SupervisedModel(BaseModel):
     )
 
     def model_post_init(self, context: Any, /) -> None:
-        from probes.metrics import METRICS
-
         plan = []
         blocks: dict[str, tuple[list[int], list[float], list[float]]] = {}
         k = len(self.features)
@@ -160,7 +157,7 @@ class SupervisedModel(BaseModel):
                 w.append(c / s)
             else:
                 layer, metric, pos = parse_feature(name)
-                flip = metric in METRICS and not METRICS[metric].higher_is_sparser
+                flip = metric in HIGHER_IS_SPARSER and not HIGHER_IS_SPARSER[metric]
                 plan.append((layer, metric, pos == "mean", flip, m, c / s))
         self._plan = plan
         self._blocks = {

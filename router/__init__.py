@@ -1,4 +1,4 @@
-"""router (see ../shared/DESIGN.md)."""
+"""The ASGI gateway: routes, backends, dispatch, cascades, escalation (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ generic 500 envelope.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -27,7 +28,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from policies.schema import Settings
 from probes.probe import SparsityProbe
-from router.errors import envelope
 from router.escalations.routes import escalation_routes
 from router.openapi import openapi_endpoint
 from router.routes import admin
@@ -35,6 +35,7 @@ from router.routes.feedback import FeedbackEndpoint
 from router.routes.openai import CompletionsEndpoint, RouteEndpoint
 from router.routes.reload import reload_app, reload_endpoint
 from router.state import build_state
+from router.wire import envelope
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -148,9 +149,17 @@ def create_app(
     *,
     probe: SparsityProbe | None = None,
     config_path: str | Path | None = None,
+    freeze_gc: bool = False,
 ) -> GatewayApp:
     """Build the gateway. ``probe`` lets a caller share an already loaded probe (tests, CLI);
-    ``config_path`` is the file ``SIGHUP`` and ``POST /admin/reload`` re-read."""
+    ``config_path`` is the file ``SIGHUP`` and ``POST /admin/reload`` re-read.
+
+    ``freeze_gc`` (for the process that owns the gateway: ``run_server``, the benchmarks): once
+    started, collect and then ``gc.freeze()`` everything loaded so far, so that the cyclic
+    GC's full collections no longer walk the ~440,000 start-up objects (the probe model, torch,
+    transformers). Without it, every full collection under load stopped the event loop for
+    0.2-0.5 s on a 2-core machine: at 32 clients about one every 8,000 requests, the p99 tail
+    of bench/proxy_overhead.py. After the freeze a full collection takes 2-15 ms."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -165,6 +174,9 @@ def create_app(
         sighup = config_path is not None and _install_sighup(app)
         if state.escalations is not None:
             await state.escalations.start()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         logger.info(
             "gateway ready: backends %s, virtual models %s",
             ", ".join(state.backends),

@@ -1,4 +1,9 @@
-"""Small ASGI helpers shared by the routes (plain ASGI: no framework, no buffering)."""
+"""Small ASGI helpers shared by the routes (plain ASGI: no framework, no buffering).
+
+Reading a request (:func:`read_body`, :class:`Disconnected` when the client goes away first),
+answering one (:func:`send_json`, :func:`send_error`; :class:`SentTracker` remembers what went
+out), and cancelling work when the client disconnects (:class:`DisconnectWatcher`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,20 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["DisconnectWatcher", "Message", "Receive", "Scope", "Send", "send_json"]
+from router.errors import HTTPError, PayloadTooLarge, RequestTimeout, UpstreamStatus
+
+__all__ = [
+    "DisconnectWatcher",
+    "Disconnected",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "SentTracker",
+    "read_body",
+    "send_error",
+    "send_json",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,6 +48,110 @@ async def send_json(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, exc: HTTPError, request_id: str | None = None) -> None:
+    """An error answer: the error envelope, or an upstream's own error status and body.
+
+    With ``request_id`` the answer carries ``x-router-request-id`` and the envelope names it
+    where the message is generic (:meth:`~router.errors.HTTPError.client_message`)."""
+    headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    if request_id:
+        headers.append((b"x-router-request-id", request_id.encode()))
+    if isinstance(exc, UpstreamStatus):
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.upstream_status,
+                "headers": [(b"content-type", exc.content_type.encode()), *headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": exc.content})
+        return
+    await send_json(send, exc.status, exc.body(request_id), headers)
+
+
+class Disconnected(Exception):
+    """The client went away before its request body was read."""
+
+
+async def read_body(
+    receive: Receive,
+    limit: int,
+    *,
+    timeout_s: float | None = None,
+    timeout_setting: str = "server.body_timeout_s",
+) -> bytes:
+    """The whole request body; :class:`~router.errors.PayloadTooLarge` past ``limit`` bytes,
+    :class:`~router.errors.RequestTimeout` when it has not all arrived within ``timeout_s``
+    (the setting named ``timeout_setting``), :class:`Disconnected` when the client disconnects
+    first."""
+    if timeout_s is None:
+        return await _read_body(receive, limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout_s:g} s ({timeout_setting})"
+        ) from None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the request body is larger than the limit of {limit} bytes "
+                "(server.max_body_bytes)"
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class SentTracker:
+    """A ``send`` that remembers what went out: whether the response has started and ended,
+    and how its body ends (:attr:`stream_done`: a stream's closing ``data: [DONE]`` is out).
+
+    State changes after the wrapped ``send`` returns, so a send cut short by a cancellation
+    does not count.
+    """
+
+    __slots__ = ("_send", "complete", "started", "tail")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.complete = False
+        self.tail = b""  # the last bytes of the body sent so far
+
+    async def __call__(self, message: Message) -> None:
+        await self._send(message)
+        if message["type"] == "http.response.start":
+            self.started = True
+            return
+        body = message.get("body", b"")
+        if body:
+            self.tail = (self.tail + body)[-32:]
+        if not message.get("more_body", False):
+            self.complete = True
+
+    @property
+    def stream_done(self) -> bool:
+        """The body sent so far ends with ``data: [DONE]``: the client has the whole stream."""
+        return self.tail.rstrip().endswith(b"data: [DONE]")
+
+    @property
+    def at_event_boundary(self) -> bool:
+        """The body sent so far ends between two server-sent events (or is empty)."""
+        return not self.tail or self.tail.endswith((b"\n\n", b"\r\n\r\n"))
 
 
 class DisconnectWatcher:

@@ -3,8 +3,10 @@
 Every configured key is held only as its SHA-256 digest (a ``sha256:<hex>`` entry already is
 one), so plain and hashed keys are checked the same way: hash what the client sent, compare it
 in constant time against *every* digest (the time taken does not reveal which one matched, or
-whether any did). Scopes: ``client`` (the OpenAI routes), ``reviewer`` (escalation review),
-``admin`` (``/admin/*``); an admin key is accepted on every route.
+whether any did). Scopes: ``client`` (the OpenAI routes, ``/openapi.json``), ``reviewer``
+(escalation review), ``metrics`` (``/metrics``, unless ``auth.public_metrics``), ``admin``
+(``/admin/*``); an admin key is accepted on every route. Who may call which route, with
+authentication on and off: docs/security.md.
 
 A missing or unknown key is a 401, a known key of the wrong scope a 403, both in the OpenAI
 error envelope. With no key configured at all, authentication is off.
@@ -22,7 +24,7 @@ from router.errors import Forbidden, Unauthorized
 
 __all__ = ["Caller", "KeyRing", "Scope"]
 
-Scope = Literal["client", "reviewer", "admin"]
+Scope = Literal["client", "reviewer", "metrics", "admin"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from probes.probe import ProbeResult
+from probes.types import ProbeResult
 
 __all__ = [
     "CacheEvent",

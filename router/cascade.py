@@ -14,14 +14,14 @@ unchecked (``skipped``).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from probes.answers import answer_input
+from router.backends.base import Endpoint
 from router.usage import client_wants_usage
-
-if TYPE_CHECKING:
-    from probes.probe import ProbeInput
-    from router.backends.base import Endpoint
+from router.wire import SSE_DONE, StreamHead, completion_id, sse_event
 
 __all__ = ["Verdict", "answer_input", "answer_text", "as_sse", "without_stream"]
 
@@ -56,38 +56,30 @@ def answer_text(endpoint: Endpoint, body: bytes | None) -> str | None:
     return text if isinstance(text, str) and text.strip() else None
 
 
-def answer_input(endpoint: Endpoint, probe_input: ProbeInput, text: str) -> ProbeInput:
-    """What the probe reads to check an answer: the conversation with the answer as the
-    assistant's turn (the shape ``calibrate --labels --answer-column`` fits on)."""
-    answer = {"role": "assistant", "content": text.strip()}
-    if endpoint == "completions" or isinstance(probe_input, str):
-        return [{"role": "user", "content": str(probe_input)}, answer]
-    return [*probe_input, answer]
-
-
 def as_sse(endpoint: Endpoint, body: bytes, request: Mapping[str, Any]) -> bytes:
     """A complete JSON answer as the server-sent events of a stream (``answer_text`` must have
     accepted it)."""
     data = json.loads(body)
     choice = data["choices"][0]
-    base = {k: data[k] for k in ("id", "created", "model", "system_fingerprint") if k in data}
+    usage: Any = data.get("usage")  # the upstream's own object, passed on as is
+    with_usage = client_wants_usage(request) and isinstance(usage, dict)
+    fingerprint = data.get("system_fingerprint")
+    head = StreamHead(
+        endpoint,
+        id=data.get("id") or completion_id(endpoint),
+        created=data.get("created") or int(time.time()),
+        model=data.get("model") or "",
+        system_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
+        usage_field=with_usage,
+    )
     finish = choice.get("finish_reason") or "stop"
     index = choice.get("index", 0)
     if endpoint == "completions":
-        base["object"] = "text_completion"
-        chunks = [
-            {**base, "choices": [{"index": index, "text": choice["text"], "finish_reason": None}]},
-            {**base, "choices": [{"index": index, "text": "", "finish_reason": finish}]},
-        ]
+        first = head.chunk(choice["text"], index=index)
     else:
-        base["object"] = "chat.completion.chunk"
         message = choice["message"]
-        delta = {"role": message.get("role") or "assistant", "content": message["content"]}
-        chunks = [
-            {**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]},
-            {**base, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]},
-        ]
-    if client_wants_usage(request) and isinstance(data.get("usage"), dict):
-        chunks.append({**base, "choices": [], "usage": data["usage"]})
-    events = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks]
-    return b"".join(events) + b"data: [DONE]\n\n"
+        first = head.chunk(message["content"], role=message.get("role") or "assistant", index=index)
+    chunks = [first, head.chunk(None, finish, index=index)]
+    if with_usage:
+        chunks.append(head.usage_chunk(usage))
+    return b"".join(sse_event(c) for c in chunks) + SSE_DONE

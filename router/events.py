@@ -1,17 +1,24 @@
 """Per-request event records and user feedback, written to a sink off the request path.
 
-Records are plain JSON-able dicts with a ``kind``:
+Two kinds of event, frozen dataclasses:
 
-- ``request``: one per completions request: ``request_id, time, endpoint, model, stream,
-  experiment, arm, policy, rule, backend, score, percentile, cache, latency_s, ttft_s,
-  prompt_tokens, completion_tokens, status, cost, cascade, answer_p_large`` (unknown values are
-  None; ``cascade``: kept / escalated / skipped when a policy's cascade checked the answer, whose
-  P is ``answer_p_large``; an escalated request's cost includes the checked answer's);
-- ``feedback``: ``request_id, time, score, label`` (from ``POST /v1/feedback``).
+- :class:`RequestEvent` (kind ``request``): one per completions request: ``request_id, time,
+  endpoint, model, stream, experiment, arm, policy, rule, backend, score, percentile, cache,
+  latency_s, ttft_s, prompt_tokens, completion_tokens, status, cost, cascade, answer_p_large``
+  (unknown values are None; ``cascade``: kept / escalated / skipped / escalation_failed when a
+  policy's cascade checked the answer, whose P is ``answer_p_large``; an escalated request's
+  cost includes the checked answer's);
+- :class:`FeedbackEvent` (kind ``feedback``): ``request_id, time, score, label`` (from
+  ``POST /v1/feedback``).
 
-The request path calls :meth:`EventLog.record`, a non-blocking ``put_nowait`` on a bounded
-queue; one writer thread takes batches off it (waiting ``linger_s`` after the first record of a
-batch so that a batch can gather) and hands them to the sink:
+Sinks store *records*, the events as plain JSON-able dicts with a ``kind``
+(:meth:`RequestEvent.to_record`). Reading goes the other way: :meth:`RequestEvent.from_record`
+(or :func:`event_from_record` for either kind, :func:`read_events` for a whole sink) accepts
+rows written by older versions, a missing field reading as None.
+
+The request path calls :meth:`EventLog.record` with an event, a non-blocking ``put_nowait`` on
+a bounded queue; one writer thread takes batches off it (waiting ``linger_s`` after the first
+event of a batch so that a batch can gather) and hands their records to the sink:
 
 - :class:`SQLiteSink`: tables ``requests`` and ``feedback`` in a WAL-mode file;
 - :class:`JSONLSink`: one JSON object per line, appended;
@@ -30,19 +37,28 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Literal, Protocol
+
+import redis
 
 __all__ = [
+    "FEEDBACK_FIELDS",
     "REQUEST_FIELDS",
+    "Event",
     "EventLog",
     "EventSink",
+    "FeedbackEvent",
     "JSONLSink",
     "Record",
     "RedisStreamSink",
+    "RequestEvent",
     "SQLiteSink",
+    "event_from_record",
     "open_sink",
+    "read_events",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +90,150 @@ REQUEST_FIELDS: dict[str, str] = {
     "answer_p_large": "REAL",
 }
 FEEDBACK_FIELDS: tuple[str, ...] = ("request_id", "time", "score", "label")
+
+
+def _text(record: Mapping[str, Any], name: str) -> str | None:
+    value = record.get(name)
+    return None if value is None else str(value)
+
+
+def _real(record: Mapping[str, Any], name: str) -> float | None:
+    value = record.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"event field {name!r} is not a number: {value!r}")
+    return float(value)
+
+
+def _integer(record: Mapping[str, Any], name: str) -> int | None:
+    value = record.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"event field {name!r} is not an integer: {value!r}")
+    return value
+
+
+def _flag(record: Mapping[str, Any], name: str) -> bool | None:
+    value = record.get(name)
+    return None if value is None else bool(value)  # SQLite keeps booleans as 0 / 1
+
+
+def _request_id(record: Mapping[str, Any]) -> str:
+    value = record.get("request_id")
+    if value is None:
+        raise ValueError(f"an event record without a request_id: {dict(record)!r}")
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestEvent:
+    """One completions request: its routing decision, probe reading, usage and outcome."""
+
+    kind: ClassVar[Literal["request"]] = "request"
+
+    request_id: str
+    time: float | None = None
+    endpoint: str | None = None
+    model: str | None = None
+    stream: bool | None = None
+    experiment: str | None = None
+    arm: str | None = None
+    policy: str | None = None
+    rule: str | None = None
+    backend: str | None = None
+    score: float | None = None
+    percentile: float | None = None
+    cache: str | None = None
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    status: int | None = None
+    cost: float | None = None
+    cascade: str | None = None
+    answer_p_large: float | None = None
+
+    def to_record(self) -> Record:
+        """The record the sinks store: ``kind`` then every field of :data:`REQUEST_FIELDS`."""
+        return {"kind": self.kind, **{name: getattr(self, name) for name in REQUEST_FIELDS}}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RequestEvent:
+        """A ``request`` record read back from a sink (fields it lacks are None; ``kind`` and
+        unknown keys are ignored). ValueError when it has no ``request_id`` or a number field
+        holds something else."""
+        return cls(
+            request_id=_request_id(record),
+            time=_real(record, "time"),
+            endpoint=_text(record, "endpoint"),
+            model=_text(record, "model"),
+            stream=_flag(record, "stream"),
+            experiment=_text(record, "experiment"),
+            arm=_text(record, "arm"),
+            policy=_text(record, "policy"),
+            rule=_text(record, "rule"),
+            backend=_text(record, "backend"),
+            score=_real(record, "score"),
+            percentile=_real(record, "percentile"),
+            cache=_text(record, "cache"),
+            latency_s=_real(record, "latency_s"),
+            ttft_s=_real(record, "ttft_s"),
+            prompt_tokens=_integer(record, "prompt_tokens"),
+            completion_tokens=_integer(record, "completion_tokens"),
+            status=_integer(record, "status"),
+            cost=_real(record, "cost"),
+            cascade=_text(record, "cascade"),
+            answer_p_large=_real(record, "answer_p_large"),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeedbackEvent:
+    """An outcome attached to an earlier request (``POST /v1/feedback``)."""
+
+    kind: ClassVar[Literal["feedback"]] = "feedback"
+
+    request_id: str
+    time: float | None = None
+    score: float | None = None
+    label: str | None = None
+
+    def to_record(self) -> Record:
+        """The record the sinks store: ``kind`` then every field of :data:`FEEDBACK_FIELDS`."""
+        return {"kind": self.kind, **{name: getattr(self, name) for name in FEEDBACK_FIELDS}}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> FeedbackEvent:
+        """A ``feedback`` record read back from a sink (see :meth:`RequestEvent.from_record`)."""
+        return cls(
+            request_id=_request_id(record),
+            time=_real(record, "time"),
+            score=_real(record, "score"),
+            label=_text(record, "label"),
+        )
+
+
+Event = RequestEvent | FeedbackEvent
+
+
+def event_from_record(record: Mapping[str, Any]) -> Event | None:
+    """The event a record holds, by its ``kind`` (None for a kind this version does not know)."""
+    kind = record.get("kind")
+    if kind == RequestEvent.kind:
+        return RequestEvent.from_record(record)
+    if kind == FeedbackEvent.kind:
+        return FeedbackEvent.from_record(record)
+    return None
+
+
+def read_events(sink: EventSink) -> Iterator[Event]:
+    """Every event of ``sink``, oldest first (records of unknown kinds skipped)."""
+    for record in sink.read():
+        event = event_from_record(record)
+        if event is not None:
+            yield event
 
 
 class EventSink(Protocol):
@@ -190,8 +350,6 @@ class RedisStreamSink:
     def __init__(
         self, url: str, stream: str, *, max_len: int = 100_000, timeout_s: float = 2.0
     ) -> None:
-        import redis
-
         self.stream = stream
         self.max_len = max_len
         self._redis = redis.Redis.from_url(
@@ -265,7 +423,7 @@ class EventLog:
         self.sink = sink
         self.batch_size = batch_size
         self.linger_s = linger_s
-        self._queue: queue.Queue[Record] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Event] = queue.Queue(maxsize=queue_size)
         self._on_drop = on_drop
         self._on_written = on_written
         self._closing = threading.Event()
@@ -278,14 +436,15 @@ class EventLog:
 
     # -- request path (event loop thread) -------------------------------------------------
 
-    def record(self, record: Record) -> bool:
-        """Queue a record without blocking; False (counted, logged once) when the queue is full."""
-        if record["kind"] == "request":
-            self._recent[record["request_id"]] = None
+    def record(self, event: Event) -> bool:
+        """Queue an event without blocking; False (counted, logged once) when the queue is full.
+        The writer thread turns it into its record (:meth:`RequestEvent.to_record`)."""
+        if isinstance(event, RequestEvent):
+            self._recent[event.request_id] = None
             if len(self._recent) > self._remember:
                 del self._recent[next(iter(self._recent))]
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(event)
         except queue.Full:
             if not self._queue_full:
                 self._queue_full = True
@@ -332,9 +491,9 @@ class EventLog:
                     break
             self._write(batch)
 
-    def _write(self, batch: list[Record]) -> None:
+    def _write(self, batch: list[Event]) -> None:
         try:
-            self.sink.write(batch)
+            self.sink.write([event.to_record() for event in batch])
         except Exception as exc:
             if not self._sink_failing:
                 self._sink_failing = True

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from router.probing import ProbeOutcome
 
-__all__ = ["GatewayMetrics"]
+__all__ = ["BREAKER_STATES", "GatewayMetrics"]
+
+#: ``router_breaker_state``'s value for each breaker state.
+BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -47,6 +50,10 @@ class GatewayMetrics:
     events_written: Counter
     events_dropped: Counter
     cascades: Counter
+    upstream_retries: Counter
+    upstream_failures: Counter
+    breaker_state: Gauge
+    breaker_opens: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -61,7 +68,8 @@ class GatewayMetrics:
             ),
             probe_seconds=Histogram(
                 "router_probe_seconds",
-                "Time to a probe result (cache hits included)",
+                "Time to a probe result, by where it came from: hit, miss, shared (waited for an "
+                "identical request's lookup or pass), off (no cache)",
                 ["cache"],
                 buckets=_LATENCY_BUCKETS,
                 registry=r,
@@ -73,7 +81,12 @@ class GatewayMetrics:
                 registry=r,
             ),
             probe_cache=Counter(
-                "router_probe_cache", "Probe cache lookups", ["result"], registry=r
+                "router_probe_cache",
+                "Probe results by where they came from: hit (the cache), miss (a probe pass), "
+                "shared (an identical concurrent request's lookup or pass: single flight), off "
+                "(no cache configured)",
+                ["result"],
+                registry=r,
             ),
             upstream_seconds=Histogram(
                 "router_upstream_seconds",
@@ -133,6 +146,35 @@ class GatewayMetrics:
                 ["verdict"],
                 registry=r,
             ),
+            upstream_retries=Counter(
+                "router_upstream_retries",
+                "Upstream attempts that followed a failed one on the same backend, by the "
+                "failure: an HTTP status (429, 503, ...), connect, timeout or error",
+                ["backend", "reason"],
+                registry=r,
+            ),
+            upstream_failures=Counter(
+                "router_upstream_failures",
+                "Failed upstream attempts before the first byte (retried or not), by reason: "
+                "an HTTP status in retry_on, connect, timeout, error, or breaker_open (every "
+                "replica skipped)",
+                ["backend", "reason"],
+                registry=r,
+            ),
+            breaker_state=Gauge(
+                "router_breaker_state",
+                "Circuit breaker of each upstream replica: 0 closed, 1 half-open (one trial "
+                "request), 2 open (skipped)",
+                ["backend", "replica"],
+                registry=r,
+            ),
+            breaker_opens=Counter(
+                "router_breaker_opens",
+                "Times a replica's circuit breaker opened (consecutive failures, or a failed "
+                "half-open trial)",
+                ["backend", "replica"],
+                registry=r,
+            ),
         )
 
     def record_probe(self, outcome: ProbeOutcome) -> None:
@@ -143,6 +185,17 @@ class GatewayMetrics:
 
     def record_cache(self, tier: str, result: str) -> None:
         self.cache_lookups.labels(tier, result).inc()
+
+    def record_retry(self, backend: str, reason: str) -> None:
+        self.upstream_retries.labels(backend, reason).inc()
+
+    def record_upstream_failure(self, backend: str, reason: str) -> None:
+        self.upstream_failures.labels(backend, reason).inc()
+
+    def record_breaker(self, backend: str, replica: str, state: str) -> None:
+        self.breaker_state.labels(backend, replica).set(BREAKER_STATES[state])
+        if state == "open":
+            self.breaker_opens.labels(backend, replica).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,9 @@
 Written by hand, and as lenient as the gateway: a request schema names only the fields routing
 reads (``model``, ``messages`` / ``prompt``, ``stream``, ``user``, ``metadata``) and allows any
 other field, because the body is forwarded to the backend unchanged.
+
+With authentication on, the document is served to client (and admin) keys only
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
+
+from router.errors import HTTPError
+from router.guard import admit
 
 __all__ = ["openapi_document", "openapi_endpoint"]
 
@@ -118,6 +124,22 @@ def _get(summary: str, *statuses: int) -> dict[str, Any]:
     }
 
 
+def _metrics() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "Prometheus metrics (metrics or admin scope, unless auth.public_metrics)",
+            "security": [{"bearer": []}, {}],
+            "responses": {
+                "200": {
+                    "description": "the Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **_errors(401, 403, 429),
+            },
+        }
+    }
+
+
 def _escalation_paths() -> dict[str, Any]:
     """The human-escalation API (router/escalations/routes.py); 404 when it is not configured."""
 
@@ -182,9 +204,12 @@ def openapi_document() -> dict[str, Any]:
             "/v1/models": _get("Virtual and direct models", 401, 403),
             "/healthz": _get("Liveness"),
             "/readyz": _get("Readiness", 503),
+            "/metrics": _metrics(),
+            "/openapi.json": _get("This document (client scope)", 401, 403, 429),
             "/admin/reload": {
                 "post": {
-                    "summary": "Re-read the config file (admin scope)",
+                    "summary": "Re-read the config file (admin scope; loopback only when "
+                    "authentication is off)",
                     "security": [{"bearer": []}],
                     "responses": {
                         "200": {"description": "reloaded"},
@@ -202,4 +227,11 @@ def openapi_document() -> dict[str, Any]:
 
 
 async def openapi_endpoint(request: Request) -> Response:
+    """``GET /openapi.json``: client scope (any caller with authentication off)."""
+    try:
+        await admit(request.app.state.gateway, request.scope, "client")
+    except HTTPError as exc:
+        return Response(
+            exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers
+        )
     return Response(json.dumps(openapi_document()), media_type="application/json")

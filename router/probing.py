@@ -3,10 +3,21 @@
 ``ProbeService.measure(item)`` never raises for a probe problem: it returns a ``ProbeOutcome``
 with ``error`` set (input the probe cannot read, a model failure, the deadline passing), and the
 policy sends the request to its ``on_probe_error`` backend. Concurrent identical requests share
-one cache lookup and one probe pass (single flight). The forward pass runs in a worker thread,
-off the event loop; with a ``MicroBatcher`` configured, distinct requests arriving together share
-one forward pass. Caches hold the raw result; the calibration's percentile is added on the way
-out, so gateways with different calibrations can share one Redis.
+one cache lookup and one probe pass (single flight): the first is a ``hit`` or ``miss``, the ones
+that waited for it are ``shared``. Caches hold the raw result; the calibration's percentile is
+added on the way out, so gateways with different calibrations can share one Redis.
+
+Under load (the local probe):
+
+- the input is tokenised in a helper thread, off the event loop and off the probe's thread,
+  with its cost bounded before the chat template (``max_messages``, ``max_chars``);
+- forward passes run one at a time on a dedicated worker thread (``MicroBatcher``); distinct
+  requests arriving together share a pass (``BatchingConfig.max_batch``, ``window_s``);
+- inputs over ``long_tokens`` queue apart from shorter ones and the worker takes turns between
+  the two queues; a pass holds at most ``max_batch_tokens`` padded tokens: a short prompt waits
+  for at most one bounded pass of long ones;
+- a request whose deadline passed in the queue is not run, and a pass whose callers have all
+  gone (deadline, disconnect) stops at the next layer.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -24,14 +35,19 @@ import anyio
 from probes.batching import MicroBatcher
 from probes.calibration import Calibration
 from probes.errors import ProbeError
-from probes.probe import ProbeInput, ProbeResult, SparsityProbe
+from probes.probe import ProbeAbandoned, SparsityProbe
+from probes.types import ProbeInput, ProbeResult
+from router.logthrottle import ThrottledLog
 from router.remote_probe import RemoteProbeError
 
 __all__ = ["BatchingConfig", "CacheState", "ProbeOutcome", "ProbeService", "Prober"]
 
 logger = logging.getLogger(__name__)
 
-CacheState = Literal["hit", "miss", "off"]
+#: Where a result came from: ``hit`` (the cache), ``miss`` (a probe pass, the result then
+#: cached), ``shared`` (waited for an identical request's lookup or pass: single flight),
+#: ``off`` (no cache configured; a pass).
+CacheState = Literal["hit", "miss", "shared", "off"]
 
 
 class Prober(Protocol):
@@ -51,6 +67,8 @@ class Prober(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ProbeOutcome:
+    """A probe result as the gateway saw it: where it came from and how long it took."""
+
     result: ProbeResult | None
     cache: CacheState
     seconds: float
@@ -59,8 +77,32 @@ class ProbeOutcome:
 
 @dataclass(frozen=True, slots=True)
 class BatchingConfig:
+    """How the probe's worker thread schedules forward passes (``probe.batching``).
+
+    ``max_batch`` requests per pass, collected for ``window_s`` while the worker is idle;
+    inputs of more than ``long_tokens`` tokens queue apart from shorter ones (None: one queue);
+    a pass holds at most ``max_batch_tokens`` padded tokens (None: no bound)."""
+
     max_batch: int = 16
     window_s: float = 0.005
+    long_tokens: int | None = 128
+    max_batch_tokens: int | None = 512
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request's probe input in the batcher, and whether anyone still waits for it."""
+
+    item: ProbeInput
+    encoded: tuple[list[int], bool] | None  # (token ids, cut) for the local probe
+    deadline: float  # time.monotonic() seconds
+    gone: bool = field(default=False)  # its caller stopped waiting
+
+
+def _all_gone(jobs: Sequence[_Job]) -> bool:
+    """Whether nobody waits for any of ``jobs`` any more (their pass may stop)."""
+    now = time.monotonic()
+    return all(job.gone or job.deadline <= now for job in jobs)
 
 
 class _Flight:
@@ -76,6 +118,8 @@ class _Flight:
 
 
 class ProbeService:
+    """Probe results for the gateway: cache, single flight, deadline, batching, calibration."""
+
     def __init__(
         self,
         probe: SparsityProbe | Prober,
@@ -100,13 +144,22 @@ class ProbeService:
         # beside the busy one cut throughput several-fold (bench/probe_throughput.py).
         self.batching = batching
         config = batching or BatchingConfig(max_batch=1, window_s=0.0)
-        self.batcher: MicroBatcher[ProbeInput, ProbeResult] = MicroBatcher(
+        self.batcher: MicroBatcher[_Job, ProbeResult] = MicroBatcher(
             self._measure_batch,
             max_batch=config.max_batch,
             window_s=config.window_s,
             thread_name="probe",
+            long_cost=config.long_tokens,
+            max_batch_cost=config.max_batch_tokens,
         )
         self.passes = 0  # forward passes run (one per batch)
+        self.abandoned = 0  # passes stopped early: every caller had gone
+        self.refused = ThrottledLog(  # inputs the probe cannot read: at most a line a minute
+            logger, "the probe refused %d input(s) in the last %.0f s; last: %s"
+        )
+        self.late = ThrottledLog(  # an overload makes every request late: one line a minute
+            logger, "the probe missed its deadline %d time(s) in the last %.0f s (%s s)"
+        )
 
     @property
     def fingerprint_digest(self) -> str:
@@ -132,7 +185,7 @@ class ProbeService:
         flight = self._flights.get(key)
         if flight is not None:  # the same prompt is being looked up or probed: wait for it
             await flight.done.wait()
-            return await self._finish(flight.result, flight.cache, start, flight.error, calibration)
+            return await self._finish(flight.result, "shared", start, flight.error, calibration)
         flight = self._flights[key] = _Flight("miss" if self.cache is not None else "off")
         try:
             if self.cache is not None:
@@ -167,23 +220,43 @@ class ProbeService:
                 result = calibration.with_percentile(result)
         return self._done(ProbeOutcome(result, cache, time.perf_counter() - start, error))
 
-    def _measure_batch(self, items: Sequence[ProbeInput]) -> list[ProbeResult | BaseException]:
-        """One forward pass over ``items`` (worker thread). An input the probe cannot read
-        fails alone: the batch is then measured item by item."""
+    def _measure_batch(self, jobs: Sequence[_Job]) -> list[ProbeResult | BaseException]:
+        """One forward pass over ``jobs`` (worker thread), stopped at the next layer once all
+        their callers have gone. An input the probe cannot read fails alone: the batch is then
+        measured item by item."""
         self.passes += 1
-        if isinstance(self.probe, SparsityProbe):
+        encoded = [job.encoded for job in jobs if job.encoded is not None]
+        if isinstance(self.probe, SparsityProbe) and len(encoded) == len(jobs):
             try:
-                return list(self.probe.measure(items, batch_size=len(items)))
-            except ProbeError:
-                if len(items) == 1:
-                    raise
+                return list(self.probe.measure_encoded(encoded, stop=lambda: _all_gone(jobs)))
+            except ProbeAbandoned:
+                self.abandoned += 1
+                return [TimeoutError("every caller of the pass had gone") for _ in jobs]
+            except ProbeError as exc:
+                if len(jobs) == 1:  # its caller's error, not a failed batch (no warning)
+                    return [exc]
         out: list[ProbeResult | BaseException] = []
-        for item in items:
+        for job in jobs:
             try:
-                out.append(self.probe.measure_one(item))
+                out.append(self.probe.measure_one(job.item))
             except Exception as exc:
                 out.append(exc)
         return out
+
+    async def _submit(self, item: ProbeInput, deadline: float) -> ProbeResult:
+        """Queue ``item`` for the worker thread; the local probe's input is tokenised first, in
+        a helper thread (bounded by max_messages/max_chars), so the batcher knows its length."""
+        encoded: tuple[list[int], bool] | None = None
+        if isinstance(self.probe, SparsityProbe):
+            encoded = await anyio.to_thread.run_sync(
+                self.probe.encode, item, abandon_on_cancel=True
+            )
+        job = _Job(item, encoded, deadline)
+        cost = len(encoded[0]) if encoded is not None else 1
+        try:
+            return await self.batcher.submit(job, cost=cost, deadline=deadline)
+        finally:
+            job.gone = True  # answered, timed out or cancelled: its pass need not go on for it
 
     async def _run(self, item: ProbeInput) -> tuple[ProbeResult | None, str | None]:
         try:
@@ -192,15 +265,15 @@ class ProbeService:
                 if ameasure is not None:
                     result = await ameasure(item)
                 else:
-                    result = await self.batcher.submit(item)
+                    result = await self._submit(item, time.monotonic() + self.timeout_s)
         except TimeoutError:
-            logger.warning("probe missed its %.2f s deadline", self.timeout_s)
+            self.late.event(f"{self.timeout_s:.2f}")
             return None, "timeout"
         except RemoteProbeError as exc:  # server down, slow or mismatched: not the input's fault
             logger.warning("remote probe failed: %s", exc)
             return None, "model"
-        except ProbeError as exc:
-            logger.info("probe refused the input: %s", exc)
+        except ProbeError as exc:  # any client can send these: one log line a minute at most
+            self.refused.event(exc)
             return None, "input"
         except Exception:
             logger.exception("probe failed")
@@ -220,7 +293,7 @@ class ProbeService:
                 if ameasure is not None:
                     await ameasure(item)
                 else:
-                    await self.batcher.submit(item)
+                    await self._submit(item, time.monotonic() + timeout_s)
         except Exception as exc:
             logger.warning("probe warm-up failed (%s): %s", type(exc).__name__, exc)
             return None

@@ -34,9 +34,10 @@ from policies.schema import ProbeSection, VllmProbeSettings
 from probes.derived import derived_name, read_config, resolve_layer
 from probes.encoding import PromptEncoder
 from probes.errors import ProbeError
-from probes.metrics import compute_all, sparsity
+from probes.metric_names import sparsity
+from probes.metrics import compute_all
 from probes.model import load_tokenizer, model_dir, resolve_dtype
-from probes.probe import ProbeInput, ProbeResult, ProbeSettings, probe_fingerprint
+from probes.types import ProbeInput, ProbeResult, ProbeSettings, probe_fingerprint
 
 __all__ = ["RemoteProbe", "RemoteProbeError"]
 

@@ -3,24 +3,53 @@
 Status codes: a body that is not JSON, not an object, or whose ``messages``/``prompt`` cannot be
 read is a 400; a field of the wrong type (``model`` not a string, ``stream`` not a boolean, ...)
 is a 422. Both come back in the OpenAI error envelope naming the field.
+
+What the OpenAI API itself rejects is a 400 ``invalid_request_error`` whose ``param`` names the
+JSON path, so no backend (and no probe) ever sees it:
+
+- a lone UTF-16 surrogate anywhere in the body (``"\\ud800"``: Python's ``json`` accepts it,
+  UTF-8 cannot encode it), keys included (code ``invalid_unicode``);
+- a message without content (``missing_required_parameter``), except an ``assistant`` message
+  carrying ``tool_calls``, ``function_call``, ``audio`` or ``refusal``, and a ``function``
+  message, whose content may be null;
+- content that is an empty array (``empty_array``), a content part that is not an object with a
+  non-empty string ``type``, or a ``text`` part whose ``text`` is not a string
+  (``invalid_type``).
+
+Other part types (``image_url``, ``input_audio``, ``file``, ``refusal``, and a server's own such
+as vLLM's ``video_url``) and unknown fields pass through. :attr:`ParsedRequest.has_text` says
+whether the request holds any readable text (a non-blank string content, ``text`` part or
+prompt); a request without (only images or audio, a blank prompt) is routed by the policy's
+``on_no_text`` action, never probed (docs/routing.md).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from probes.probe import ProbeInput
+from probes.types import ProbeInput
 from router.backends.base import Endpoint
 from router.errors import BadRequest, Unprocessable
 
-__all__ = ["ParsedRequest", "parse_request"]
+__all__ = ["ParsedRequest", "check_unicode", "parse_request"]
+
+#: A JSON ``\\uD800``-``\\uDFFF`` escape: only such an escape can put a surrogate into a body
+#: that decoded as strict UTF-8.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Roles whose message may carry null content, and (for assistant) the fields that stand in.
+_NULL_CONTENT_ROLES = frozenset({"function"})
+_ASSISTANT_PAYLOAD = ("tool_calls", "function_call", "audio", "refusal")
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
+    """What routing reads of a request; ``body`` is forwarded as sent."""
+
     endpoint: Endpoint
     body: dict[str, Any]
     model: str
@@ -28,6 +57,7 @@ class ParsedRequest:
     probe_input: ProbeInput
     user: str | None
     metadata: Mapping[str, str]
+    has_text: bool = True  # False: nothing the probe could read (images, audio, blank text)
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -47,7 +77,60 @@ def _load(raw: bytes) -> dict[str, Any]:
         raise BadRequest("could not parse the JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, not {_kind(body)}")
+    if _SURROGATE_ESCAPE.search(raw) is not None:  # rare: escaped emoji, or a hostile body
+        check_unicode(body)
     return body
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path(parent: str, key: str | int) -> str:
+    """``messages`` + 0 -> ``messages[0]``; + ``content`` -> ``messages[0].content``."""
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    if _IDENTIFIER.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    # json.dumps escapes a lone surrogate (ensure_ascii), so the path itself stays valid text
+    return f"{parent}[{json.dumps(key)}]"
+
+
+def check_unicode(body: dict[str, Any]) -> None:
+    """400 naming the first string (value or key) holding a lone surrogate, if any.
+
+    Iterative, so a body nested as deeply as ``json.loads`` allows cannot overflow the stack.
+    """
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                raise BadRequest(
+                    f"{path} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                    "which is not valid Unicode text: send valid UTF-8",
+                    param=path,
+                    code="invalid_unicode",
+                )
+        elif isinstance(value, dict):
+            items: list[tuple[str, Any]] = []
+            for key, item in value.items():
+                where = _path(path, key)
+                if not _encodable(key):
+                    raise BadRequest(
+                        f"the key {where} holds a lone UTF-16 surrogate, which is not valid "
+                        "Unicode text: send valid UTF-8",
+                        param=where,
+                        code="invalid_unicode",
+                    )
+                items.append((where, item))
+            stack.extend(reversed(items))  # report the first offender in document order
+        elif isinstance(value, list):
+            stack.extend((_path(path, i), item) for i, item in reversed(list(enumerate(value))))
 
 
 def _kind(value: Any) -> str:
@@ -62,12 +145,54 @@ def _kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _may_lack_content(message: dict[str, Any]) -> bool:
+    """Whether the OpenAI API accepts this message with null (or absent) content."""
+    role = message.get("role")
+    if role in _NULL_CONTENT_ROLES:
+        return True
+    return role == "assistant" and any(message.get(k) is not None for k in _ASSISTANT_PAYLOAD)
+
+
+def _parts_text(i: int, parts: list[Any]) -> bool:
+    """Validate content parts; whether one of them is a non-blank ``text`` part."""
+    found = False
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict):
+            raise BadRequest(
+                f"{where} must be a content part (an object with a 'type', e.g. "
+                f'{{"type": "text", "text": "..."}}), not {_kind(part)}',
+                param=where,
+                code="invalid_type",
+            )
+        kind = part.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise BadRequest(
+                f"{where}.type must be a non-empty string ('text', 'image_url', 'input_audio', "
+                f"'file', ...), not {_kind(kind)}",
+                param=f"{where}.type",
+                code="invalid_type" if "type" in part else "missing_required_parameter",
+            )
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise BadRequest(
+                    f"{where}.text must be a string, not {_kind(text)}",
+                    param=f"{where}.text",
+                    code="invalid_type" if "text" in part else "missing_required_parameter",
+                )
+            found = found or bool(text.strip())
+    return found
+
+
+def _messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """The messages (validated) and whether any of them holds readable text."""
     messages = body.get("messages")
     if messages is None:
         raise BadRequest("'messages' is required", param="messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty array of messages", param="messages")
+    has_text = False
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise BadRequest(
@@ -78,14 +203,33 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise BadRequest(
                 f"messages[{i}].role must be a non-empty string", param=f"messages[{i}].role"
             )
+        where = f"messages[{i}].content"
         content = m.get("content")
-        if content is not None and not isinstance(content, str | list):
+        if content is None:
+            if not _may_lack_content(m):
+                raise BadRequest(
+                    f"{where} is required for a {role!r} message (only an assistant message "
+                    "with tool_calls or function_call may leave it null)",
+                    param=where,
+                    code="missing_required_parameter",
+                )
+        elif isinstance(content, str):
+            has_text = has_text or bool(content.strip())
+        elif isinstance(content, list):
+            if not content and not _may_lack_content(m):
+                raise BadRequest(
+                    f"{where} is an empty array: give a string or at least one content part",
+                    param=where,
+                    code="empty_array",
+                )
+            has_text = _parts_text(i, content) or has_text
+        else:
             raise BadRequest(
-                f"messages[{i}].content must be a string or an array of parts, "
-                f"not {_kind(content)}",
-                param=f"messages[{i}].content",
+                f"{where} must be a string or an array of content parts, not {_kind(content)}",
+                param=where,
+                code="invalid_type",
             )
-    return messages
+    return messages, has_text
 
 
 def _prompt(body: dict[str, Any]) -> str:
@@ -102,6 +246,7 @@ def _prompt(body: dict[str, Any]) -> str:
 
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
+    """Parse and check a completions body (see the module docstring); raises the 400/422."""
     body = _load(raw)
     model = body.get("model")
     if model is None:
@@ -124,5 +269,10 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
             f"'metadata' must be an object, not {_kind(metadata_raw)}", param="metadata"
         )
     metadata = {str(k): str(v) for k, v in (metadata_raw or {}).items()}
-    probe_input: ProbeInput = _messages(body) if endpoint == "chat/completions" else _prompt(body)
-    return ParsedRequest(endpoint, body, model, stream, probe_input, user, metadata)
+    probe_input: ProbeInput
+    if endpoint == "chat/completions":
+        probe_input, has_text = _messages(body)
+    else:
+        probe_input = _prompt(body)
+        has_text = bool(probe_input.strip())
+    return ParsedRequest(endpoint, body, model, stream, probe_input, user, metadata, has_text)

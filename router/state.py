@@ -32,6 +32,7 @@ from router.metrics import GatewayMetrics
 from router.probing import BatchingConfig, ProbeService
 from router.ratelimit import RateLimiter, build_rate_limiter
 from router.remote_probe import RemoteProbe
+from router.retry import RetryPolicy
 
 __all__ = ["GatewayState", "build_state", "probe_needed"]
 
@@ -202,9 +203,12 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
             cache=None,
             timeout_s=settings.probe.timeout_s,
             on_measured=metrics.record_probe,
-            batching=BatchingConfig(batching.max_batch, batching.window_ms / 1000)
-            if batching.enabled
-            else None,
+            batching=BatchingConfig(
+                batching.max_batch if batching.enabled else 1,
+                batching.window_ms / 1000 if batching.enabled else 0.0,
+                long_tokens=batching.long_tokens,
+                max_batch_tokens=batching.max_batch_tokens,
+            ),
         )
         memory, redis = settings.cache.memory, settings.cache.redis
         service.cache = TieredCache(
@@ -240,6 +244,16 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
                 read_s=spec.timeouts.read_s,
                 total_s=spec.timeouts.total_s,
                 max_connections=spec.max_connections,
+                retry=RetryPolicy(
+                    retry_on=frozenset(spec.retry_on),
+                    retries=spec.retries,
+                    retry_after_max_s=spec.retry_after_max_s,
+                    backoff_base_s=spec.backoff.base_s,
+                    backoff_max_s=spec.backoff.max_s,
+                ),
+                breaker_failures=spec.breaker.failures if spec.breaker is not None else None,
+                breaker_cooldown_s=spec.breaker.cooldown_s if spec.breaker is not None else 0.0,
+                observer=metrics,
             )
         elif isinstance(spec, LocalBackendSettings):
             model_spec = spec.model or probe_settings.model

@@ -75,7 +75,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_probe(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from probes.probe import ProbeSettings, SparsityProbe
+    from probes.probe import SparsityProbe
+    from probes.types import ProbeSettings
 
     return SparsityProbe(
         ProbeSettings(model=str(tiny_model_dir), layers=(1, 2, -1), token_mean=True, device="cpu")
@@ -85,7 +86,8 @@ def tiny_probe(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def bundled_probe():  # type: ignore[no-untyped-def]
     """The real pretrained SmolLM2-135M-Instruct probe (converted once into the cache)."""
-    from probes.probe import ProbeSettings, SparsityProbe
+    from probes.probe import SparsityProbe
+    from probes.types import ProbeSettings
 
     return SparsityProbe(ProbeSettings(layers=(1, 8, -1), token_mean=True, device="cpu"))
 

@@ -1,10 +1,15 @@
 """A backend that speaks the OpenAI HTTP API: vLLM, or any compatible server.
 
 Several replica URLs are balanced by least outstanding requests (ties rotate). A connect error,
-a timeout or a 5xx before the first byte moves on to the next replica; a replica that failed to
-connect sits out ``cooldown_s`` unless every replica is down. Timeouts: ``connect_s``; ``read_s``
-is the longest gap allowed between two chunks; ``total_s`` bounds the whole exchange, streamed or
-not.
+a timeout or a status of ``retry_on`` (429, 5xx) before the first byte is retried: on another
+replica at once, or on the same one after a jittered backoff or the upstream's ``retry-after``
+(:mod:`router.retry`); when the tries run out the backend fails and the dispatcher moves down the
+fallback chain. Any other error status (400, 404, ...) is the client's answer. A replica that
+failed to connect, or asked to wait, is tried last for a while; each replica has a circuit
+breaker (:mod:`router.breaker`): open after consecutive failures, it is skipped without a
+connection until its half-open trial succeeds, and a backend whose every replica is open fails
+at once. Timeouts: ``connect_s``; ``read_s`` is the longest gap allowed between two chunks;
+``total_s`` bounds the whole exchange, streamed or not, waits between retries included.
 
 Requests go through one ``aiohttp.ClientSession`` per backend (created lazily on the event loop,
 closed with the app): measured by ``bench/proxy_overhead.py`` it costs the gateway ~1.1 ms of CPU
@@ -15,6 +20,7 @@ building, cookies, repeated timeouts) dominated the profile. ``httpx`` is kept f
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -27,20 +33,51 @@ import aiohttp
 import httpx
 
 from router.backends.base import Endpoint, UpstreamResult
-from router.errors import UpstreamError, UpstreamStatus, UpstreamTimeout
+from router.breaker import CircuitBreaker
+from router.errors import (
+    CircuitOpen,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
+from router.retry import RetryPolicy, UpstreamObserver, parse_retry_after, request_time_left
 
 __all__ = ["OpenAIBackend"]
 
 logger = logging.getLogger(__name__)
 
-_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+
+class _RetryableStatus(UpstreamError):
+    """A replica answered a status of ``retry_on`` before the first byte."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"answered {status}")
+        self.answered = status
+        self.retry_after = retry_after
+
+
+class _ConnectFailed(UpstreamError):
+    """The replica refused the connection or could not be reached."""
+
+
+def _reason(exc: UpstreamError) -> str:
+    """A failed attempt's metrics label: its status, connect, timeout or error."""
+    if isinstance(exc, _RetryableStatus):
+        return str(exc.answered)
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, _ConnectFailed):
+        return "connect"
+    return "error"
 
 
 @dataclass(slots=True)
 class _Replica:
     url: str
+    breaker: CircuitBreaker | None = None
     outstanding: int = 0
-    down_until: float = 0.0
+    down_until: float = 0.0  # tried last until then (refused a connection, asked to wait)
 
 
 class OpenAIBackend:
@@ -59,13 +96,26 @@ class OpenAIBackend:
         total_s: float = 600.0,
         max_connections: int = 256,
         cooldown_s: float = 2.0,
+        retry: RetryPolicy | None = None,
+        breaker_failures: int | None = 5,
+        breaker_cooldown_s: float = 10.0,
+        observer: UpstreamObserver | None = None,
     ) -> None:
+        """``cooldown_s``: how long a replica that refused a connection is tried last;
+        ``breaker_failures``: consecutive failures that open a replica's breaker (None: no
+        breaker) for ``breaker_cooldown_s``; ``observer`` hears of retries, failed attempts
+        and breaker changes (the gateway's metrics)."""
         if not base_urls:
             raise ValueError(f"backend {name!r} needs at least one base URL")
         self.name = name
         self.model = model
         self._served = tuple(models) or ((model,) if model else ())
-        self._replicas = [_Replica(u.rstrip("/")) for u in base_urls]
+        self._observer = observer
+        self._retry = retry or RetryPolicy()
+        self._replicas = [
+            _Replica(url, self._breaker(url, breaker_failures, breaker_cooldown_s))
+            for url in (u.rstrip("/") for u in base_urls)
+        ]
         self._rotation = itertools.count()
         self._total_s = total_s
         self._cooldown_s = cooldown_s
@@ -87,34 +137,144 @@ class OpenAIBackend:
     def model_names(self) -> list[str]:
         return list(self._served)
 
-    def _order(self) -> list[_Replica]:
-        """Replicas to try, least outstanding first; cooled-down ones last."""
+    def _breaker(self, url: str, failures: int | None, cooldown_s: float) -> CircuitBreaker | None:
+        if failures is None:
+            return None
+        on_change = None
+        if self._observer is not None:
+            on_change = functools.partial(self._observer.record_breaker, self.name, url)
+            self._observer.record_breaker(self.name, url, "closed")
+        return CircuitBreaker(failures, cooldown_s, name=f"{self.name} {url}", on_change=on_change)
+
+    def _pick(self, ready_at: dict[int, float], dropped: set[int]) -> int | None:
+        """The replica to try next: ready ones before those this request waits for, then ones
+        not recently refusing or throttling, then least outstanding (ties rotate); skipping
+        ``dropped`` ones and those whose breaker refuses. None when none is left."""
         now = time.monotonic()
-        start = next(self._rotation) % len(self._replicas)
-        rotated = self._replicas[start:] + self._replicas[:start]
-        return sorted(rotated, key=lambda r: (r.down_until > now, r.outstanding))
+        n = len(self._replicas)
+        start = next(self._rotation) % n
+        best: int | None = None
+        best_key: tuple[float, bool, int] | None = None
+        for k in range(n):
+            i = (start + k) % n
+            replica = self._replicas[i]
+            if i in dropped or (replica.breaker is not None and not replica.breaker.allows()):
+                continue
+            key = (max(ready_at.get(i, now), now), replica.down_until > now, replica.outstanding)
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        return best
 
     async def send(
         self, endpoint: Endpoint, body: dict[str, Any], *, stream: bool
     ) -> UpstreamResult:
+        """Try the replicas (and retry them) until one commits an answer; see the module
+        docstring. Raises :class:`UpstreamStatus` for a status outside ``retry_on``,
+        :class:`UpstreamRateLimited` when every try was answered 429, :class:`UpstreamTimeout`
+        when the last failure was a timeout, else :class:`UpstreamError`."""
         payload = body if self.model is None else {**body, "model": self.model}
         content = json.dumps(payload, ensure_ascii=False).encode()
         deadline = time.monotonic() + self._total_s
+        policy = self._retry
+        tries_left = len(self._replicas) + policy.retries
+        ready_at: dict[int, float] = {}  # replica -> earliest retry, for this request
+        failed_on: dict[int, int] = {}  # replica -> failed tries, for this request
+        dropped: set[int] = set()  # replicas this request no longer tries
         failures: list[str] = []
-        last: UpstreamError | None = None
-        for replica in self._order():
-            try:
-                return await self._send_one(replica, endpoint, content, stream, deadline)
-            except UpstreamStatus:
-                raise  # a 4xx is the client's business, not the replica's
-            except UpstreamError as exc:
-                failures.append(f"{replica.url}: {exc.message}")
-                last = exc
-                logger.warning("backend %s replica %s failed: %s", self.name, replica.url, exc)
-                if time.monotonic() >= deadline:
+        errors: list[UpstreamError] = []
+        throttled_until: list[float] = []  # when each 429's retry-after ends
+        pending: str | None = None  # the last failure, counted as a retry when one follows
+        while tries_left > 0:
+            index = self._pick(ready_at, dropped)
+            if index is None:
+                break
+            replica = self._replicas[index]
+            wait = ready_at.get(index, 0.0) - time.monotonic()
+            if wait > 0:
+                left = request_time_left()
+                budget = deadline - time.monotonic()
+                if left is not None:
+                    budget = min(budget, left)  # the request's own deadline, when bound
+                if wait >= budget:
+                    failures.append(f"no time left for a retry in {wait:.2g} s")
                     break
-        kind = UpstreamTimeout if isinstance(last, UpstreamTimeout) else UpstreamError
-        raise kind(f"backend {self.name!r}: every replica failed ({'; '.join(failures)})")
+                await asyncio.sleep(wait)
+            breaker = replica.breaker
+            if breaker is not None and not breaker.acquire():
+                dropped.add(index)  # it opened, or another request took its trial, meanwhile
+                continue
+            trial = breaker is not None and breaker.holds_trial()
+            tries_left -= 1
+            if pending is not None and self._observer is not None:
+                self._observer.record_retry(self.name, pending)
+            verdict: bool | None = None  # None: cancelled, no verdict on the replica
+            try:
+                result = await self._send_one(replica, endpoint, content, stream, deadline)
+                verdict = True
+                return result
+            except UpstreamStatus:
+                verdict = True  # the replica answered; its 4xx is the client's business
+                raise
+            except UpstreamError as exc:
+                verdict = False
+                pending = _reason(exc)
+                if self._observer is not None:
+                    self._observer.record_upstream_failure(self.name, pending)
+                failures.append(f"{replica.url}: {exc.message}")
+                errors.append(exc)
+                logger.warning("backend %s replica %s failed: %s", self.name, replica.url, exc)
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                failed_on[index] = failed_on.get(index, 0) + 1
+                after = exc.retry_after if isinstance(exc, _RetryableStatus) else None
+                if after is not None:
+                    replica.down_until = max(replica.down_until, now + after)
+                    if isinstance(exc, _RetryableStatus) and exc.answered == 429:
+                        throttled_until.append(now + after)
+                    if after > policy.retry_after_max_s:
+                        dropped.add(index)  # fail over rather than wait that long
+                        continue
+                    ready_at[index] = now + after
+                else:
+                    ready_at[index] = now + policy.backoff(failed_on[index] - 1)
+            finally:
+                if breaker is not None:
+                    if verdict is None:
+                        breaker.abandoned(trial)
+                    elif verdict:
+                        breaker.succeeded()
+                    else:
+                        breaker.failed()
+        raise self._gave_up(errors, failures, throttled_until)
+
+    def _gave_up(
+        self, errors: list[UpstreamError], failures: list[str], throttled_until: list[float]
+    ) -> UpstreamError:
+        """The error of a backend that could not answer (see :meth:`send`)."""
+        if not errors:  # no replica was tried: every breaker is open (or its trial taken)
+            if self._observer is not None:
+                self._observer.record_upstream_failure(self.name, "breaker_open")
+            wait = min(
+                (r.breaker.retry_in() for r in self._replicas if r.breaker is not None),
+                default=0.0,
+            )
+            return CircuitOpen(
+                f"backend {self.name!r}: every replica's circuit breaker is open "
+                f"(next trial in {wait:.1f} s)",
+                retry_after=wait,
+            )
+        detail = "; ".join(failures)
+        if all(isinstance(e, _RetryableStatus) and e.answered == 429 for e in errors):
+            retry_after = None
+            if throttled_until:
+                retry_after = max(0.0, min(throttled_until) - time.monotonic())
+            return UpstreamRateLimited(
+                f"backend {self.name!r}: every replica tried is rate limited ({detail})",
+                retry_after=retry_after,
+            )
+        kind = UpstreamTimeout if isinstance(errors[-1], UpstreamTimeout) else UpstreamError
+        return kind(f"backend {self.name!r}: every replica failed ({detail})")
 
     def _aio(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -140,8 +300,8 @@ class OpenAIBackend:
                 if response.status >= 400:
                     error_body = await response.read()
                     response.release()
-                    if response.status in _RETRYABLE_STATUS:
-                        raise UpstreamError(f"answered {response.status}")
+                    if response.status in self._retry.retry_on:
+                        raise _RetryableStatus(response.status, parse_retry_after(response.headers))
                     raise UpstreamStatus(
                         response.status, error_body, response.headers.get("content-type")
                     )
@@ -168,7 +328,7 @@ class OpenAIBackend:
             raise UpstreamTimeout(f"no answer within {self._total_s:g} s") from None
         except aiohttp.ClientConnectorError as exc:
             replica.down_until = time.monotonic() + self._cooldown_s
-            raise UpstreamError(f"cannot connect ({exc})") from exc
+            raise _ConnectFailed(f"cannot connect ({exc})") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
         finally:

@@ -1,74 +1,54 @@
 """OpenAI-shaped answers written by the gateway itself: a ticket, or a reviewer's reply.
 
 ``completion_body`` gives a ``chat.completion`` (or ``text_completion`` for
-``/v1/completions``); ``sse_chunks`` the same text as a stream of chunks ending in
-``data: [DONE]``.
+``/v1/completions``) whose id is the escalation's; ``sse_chunks`` the same text as a stream of
+chunks ending in ``data: [DONE]``. The shapes come from :mod:`router.wire`; usage is zero (no
+model generated the text).
 """
 
 from __future__ import annotations
 
-import json
-import time
-from typing import Any
+from router.backends.base import Endpoint
+from router.wire import (
+    SSE_DONE,
+    Completion,
+    StreamHead,
+    completion,
+    completion_id,
+    json_bytes,
+    sse_event,
+    usage_object,
+)
 
 __all__ = ["completion_body", "completion_dict", "sse_chunks"]
 
 
+def _endpoint(endpoint: str) -> Endpoint:
+    return "completions" if endpoint == "completions" else "chat/completions"
+
+
 def completion_dict(
     endpoint: str, id: str, model: str, text: str, created: int | None = None
-) -> dict[str, Any]:
-    created = int(time.time()) if created is None else created
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    if endpoint == "completions":
-        return {
-            "id": f"cmpl-{id}",
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
-            "usage": usage,
-        }
-    return {
-        "id": f"chatcmpl-{id}",
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": usage,
-    }
+) -> Completion:
+    """The answer ``text`` to escalation ``id`` (``created``: now when not given)."""
+    wire_endpoint = _endpoint(endpoint)
+    return completion(
+        wire_endpoint,
+        id=completion_id(wire_endpoint, id),
+        model=model,
+        text=text,
+        finish_reason="stop",
+        usage=usage_object(0, 0),
+        created=created,
+    )
 
 
 def completion_body(endpoint: str, id: str, model: str, text: str) -> bytes:
-    return json.dumps(completion_dict(endpoint, id, model, text)).encode()
+    return json_bytes(completion_dict(endpoint, id, model, text))
 
 
 def sse_chunks(endpoint: str, id: str, model: str, text: str) -> bytes:
-    created = int(time.time())
-    if endpoint == "completions":
-        base: dict[str, Any] = {
-            "id": f"cmpl-{id}",
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-        }
-        first = {**base, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
-        last = {**base, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
-    else:
-        base = {
-            "id": f"chatcmpl-{id}",
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-        }
-        delta = {"role": "assistant", "content": text}
-        first = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-        last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    return b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in (first, last)) + (
-        b"data: [DONE]\n\n"
-    )
+    """The answer as a stream: one chunk with the text, one with the finish reason, [DONE]."""
+    head = StreamHead.new(_endpoint(endpoint), model, key=id)
+    chunks = (head.chunk(text, role="assistant"), head.chunk(None, "stop"))
+    return b"".join(sse_event(c) for c in chunks) + SSE_DONE

@@ -23,12 +23,13 @@ from policies.schema import HumanBackend
 from router.asgi import DisconnectWatcher, Receive, Scope, Send, send_json
 from router.backends.base import Endpoint
 from router.dispatch import dispatch
-from router.errors import Forbidden, HTTPError, NoBackendAvailable, UpstreamError, envelope
+from router.errors import Forbidden, HTTPError, NoBackendAvailable, UpstreamError
 from router.escalations.completion import completion_body, sse_chunks
 from router.escalations.model import Escalation, NewEscalation, StoreConflict
 from router.escalations.service import EscalationService
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest
+from router.wire import SSE_DONE, SSE_HEADERS, sse_data
 
 if TYPE_CHECKING:
     from router.state import GatewayState
@@ -39,11 +40,7 @@ logger = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
-_SSE_HEADERS: Headers = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
+_SSE_HEADERS: Headers = list(SSE_HEADERS)
 
 
 def is_human(settings_backends: dict[str, Any], name: str) -> bool:
@@ -144,7 +141,8 @@ async def answer_by_human(
             if not decision.fallbacks:
                 raise NoBackendAvailable(
                     "the escalation queue is unavailable and the rule has no fallback backend "
-                    "(add fallback: [...] to the rule or the human backend)"
+                    "(add fallback: [...] to the rule or the human backend)",
+                    public=True,
                 ) from None
             return await _dispatch_and_send(
                 state, endpoint, parsed, decision.fallbacks, headers, send, (decision.backend,)
@@ -255,10 +253,12 @@ async def _hold(
     error = (
         _rejected(closed)
         if closed.status == "rejected"
-        else NoBackendAvailable(f"escalation {record.id} expired before anyone answered")
+        else NoBackendAvailable(
+            f"escalation {record.id} expired before anyone answered", public=True
+        )
     )
     if streaming:
-        await _chunk(send, b"data: " + error.body() + b"\n\ndata: [DONE]\n\n", more=False)
+        await _chunk(send, sse_data(error.body()) + SSE_DONE, more=False)
         return 200, record.backend
     await send_json(send, error.status, error.body(), [])
     return error.status, record.backend
@@ -283,7 +283,7 @@ async def _dispatch_and_send(
     except HTTPError as exc:
         if not started:
             raise
-        await _chunk(send, b"data: " + exc.body() + b"\n\ndata: [DONE]\n\n", more=False)
+        await _chunk(send, sse_data(exc.body()) + SSE_DONE, more=False)
         return 200, chain[0]
     answered = dispatched.backend
     result = dispatched.result
@@ -301,14 +301,13 @@ async def _dispatch_and_send(
         async for piece in result.stream:
             if piece:
                 await _chunk(send, piece)
-    except UpstreamError as exc:
-        event = envelope(
-            f"the upstream stream from backend {answered!r} broke: {exc.message}",
-            exc.type,
-            code="upstream_stream_error",
-        )
-        await _chunk(send, b"\n\ndata: " + event + b"\n\ndata: [DONE]\n\n")
+    except UpstreamError as exc:  # a generic event for the client, the detail for the log
+        logger.warning("the stream from %s broke mid-way: %s", answered, exc.message)
+        await _chunk(send, b"\n\n" + exc.stream_event() + SSE_DONE)
+        status = exc.status
+    else:
+        status = 200
     finally:
         await result.close()
     await _chunk(send, b"", more=False)
-    return 200, answered
+    return status, answered

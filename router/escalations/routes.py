@@ -35,6 +35,7 @@ from router.escalations.model import Escalation, StoreConflict, StoreMissing
 from router.escalations.page import render_review_page
 from router.escalations.service import EscalationService
 from router.guard import admit
+from router.requests import check_unicode
 from router.state import GatewayState
 
 __all__ = ["Conflict", "escalation_routes"]
@@ -118,6 +119,7 @@ async def _body_field(request: Request, field: str, *, required: bool) -> str:
         raise BadRequest("could not parse the JSON body") from None
     if not isinstance(body, dict):
         raise BadRequest(f"the body must be a JSON object with {field!r}")
+    check_unicode(body)
     unknown = sorted(set(body) - {field})
     if unknown:
         raise BadRequest(

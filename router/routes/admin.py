@@ -1,4 +1,9 @@
-"""Health, readiness, models and Prometheus metrics."""
+"""Health, readiness, models and Prometheus metrics.
+
+``/healthz`` and ``/readyz`` are open to anyone (load balancers, orchestrators); ``/metrics``
+needs a key with scope ``metrics`` or ``admin`` when authentication is on, unless
+``auth.public_metrics`` (docs/security.md).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from router.errors import HTTPError
+from router.guard import admit
 from router.state import GatewayState
 
 __all__ = ["healthz", "metrics", "models", "readyz"]
@@ -73,6 +80,17 @@ async def models(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    state = _state(request)
+    if state.keys.enabled and not state.settings.auth.public_metrics:
+        try:
+            await admit(state, request.scope, "metrics")
+        except HTTPError as exc:
+            return Response(
+                exc.body(),
+                status_code=exc.status,
+                media_type="application/json",
+                headers=exc.headers,
+            )
     return Response(
         _state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
     )

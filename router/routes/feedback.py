@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
+from dataclasses import replace
 
 import anyio.to_thread
 
-from router.asgi import Receive, Scope, Send, send_json
+from router.asgi import Disconnected, Receive, Scope, Send, read_body, send_error, send_json
 from router.errors import BadRequest, HTTPError, NotFound, Unauthorized, Unprocessable
-from router.routes.openai import _Disconnected, read_body, send_error
+from router.events import FeedbackEvent
+from router.requests import check_unicode
 from router.state import GatewayState
 
 __all__ = ["FeedbackEndpoint", "parse_feedback"]
@@ -33,14 +34,15 @@ class _QueueFull(HTTPError):
     type = "service_unavailable"
 
 
-def parse_feedback(raw: bytes) -> dict[str, Any]:
-    """Validate a feedback body; the ``feedback`` record without ``time``."""
+def parse_feedback(raw: bytes) -> FeedbackEvent:
+    """Validate a feedback body; the feedback event without ``time``."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON: send a JSON object") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    check_unicode(body)
     unknown = sorted(set(body) - {"request_id", "score", "label"})
     if unknown:
         raise BadRequest(
@@ -70,7 +72,7 @@ def parse_feedback(raw: bytes) -> dict[str, Any]:
             f"'label' must be a non-empty string of at most {MAX_LABEL} characters",
             param="label",
         )
-    return {"kind": "feedback", "request_id": request_id, "score": score, "label": label}
+    return FeedbackEvent(request_id=request_id, score=score, label=label)
 
 
 class FeedbackEndpoint:
@@ -78,7 +80,7 @@ class FeedbackEndpoint:
         state: GatewayState = scope["app"].state.gateway
         try:
             await self._handle(state, scope, receive, send)
-        except _Disconnected:
+        except Disconnected:
             return
         except HTTPError as exc:
             await send_error(send, exc)
@@ -101,8 +103,8 @@ class FeedbackEndpoint:
                 "to sqlite, jsonl or redis in the config",
                 code="events_disabled",
             )
-        record = parse_feedback(raw)
-        request_id = record["request_id"]
+        feedback = parse_feedback(raw)
+        request_id = feedback.request_id
         known = await anyio.to_thread.run_sync(events.knows, request_id)
         if known is False:
             raise NotFound(
@@ -111,8 +113,7 @@ class FeedbackEndpoint:
                 param="request_id",
                 code="request_not_found",
             )
-        record["time"] = time.time()
-        if not events.record(record):
+        if not events.record(replace(feedback, time=time.time())):
             raise _QueueFull("the event queue is full; try again in a moment")
         payload = {"object": "router.feedback", "request_id": request_id, "recorded": True}
         await send_json(send, 200, json.dumps(payload).encode())

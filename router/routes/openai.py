@@ -5,7 +5,16 @@ check the key, parse what routing needs, probe when the policy needs it, decide,
 the backend chain, and answer with the backend's body untouched plus ``x-router-*`` headers.
 ``POST /v1/route`` does everything but the dispatch and returns the decision.
 
-A client that disconnects cancels the upstream request, streaming or not.
+A client that disconnects cancels the upstream request, streaming or not; once a stream's
+``data: [DONE]`` is out, the request is complete whatever the client does next.
+
+Deadlines: the body must arrive within ``server.body_timeout_s`` (else a 408); the whole request
+must finish within ``server.request_timeout_s`` from its arrival (probe, cascade and stream
+included; a human backend in hold mode adds its ``wait_s``), else the work is cancelled and the
+client gets a 504 ``timeout`` envelope, or an error event and ``[DONE]`` once a stream has begun.
+
+Upstream failures reach the client as a generic message with the request id
+(:meth:`~router.errors.HTTPError.client_message`); their detail is logged at WARNING.
 """
 
 from __future__ import annotations
@@ -19,74 +28,35 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from policies.engine import Decision, RequestContext
-from policies.schema import Cascade
-from router.asgi import DisconnectWatcher, Receive, Scope, Send, send_json
+from policies.schema import Cascade, HumanBackend
+from router.asgi import (
+    Disconnected,
+    DisconnectWatcher,
+    Receive,
+    Scope,
+    Send,
+    SentTracker,
+    read_body,
+    send_error,
+    send_json,
+)
 from router.backends.base import Endpoint
 from router.cascade import Verdict, answer_input, answer_text, as_sse, without_stream
 from router.dispatch import Dispatched, dispatch
-from router.errors import (
-    HTTPError,
-    NotFound,
-    PayloadTooLarge,
-    UpstreamError,
-    UpstreamStatus,
-    envelope,
-)
+from router.errors import DeadlineExceeded, HTTPError, NotFound, UpstreamError, UpstreamStatus
 from router.escalations.handler import answer_by_human, is_human
+from router.events import RequestEvent
 from router.guard import admit
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest, parse_request
+from router.retry import bind_request_limit
 from router.state import GatewayState
 from router.usage import Usage, UsageTap, client_wants_usage, request_usage, usage_of_body
+from router.wire import SSE_DONE, SSE_HEADERS, sse_data
 
-__all__ = ["CompletionsEndpoint", "RouteEndpoint", "read_body", "send_error", "send_json"]
+__all__ = ["CompletionsEndpoint", "RouteEndpoint"]
 
 logger = logging.getLogger(__name__)
-
-
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-class _Disconnected(Exception):
-    pass
-
-
-async def read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"the request body is larger than the limit of {limit} bytes "
-                "(server.max_body_bytes)"
-            )
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def send_error(send: Send, exc: HTTPError) -> None:
-    headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-    if isinstance(exc, UpstreamStatus):
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.upstream_status,
-                "headers": [(b"content-type", exc.content_type.encode()), *headers],
-            }
-        )
-        await send({"type": "http.response.body", "body": exc.content})
-        return
-    await send_json(send, exc.status, exc.body(), headers)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -99,7 +69,11 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 def _context(scope: Scope, parsed: ParsedRequest) -> RequestContext:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     return RequestContext(
-        model=parsed.model, user=parsed.user, headers=headers, metadata=parsed.metadata
+        model=parsed.model,
+        user=parsed.user,
+        headers=headers,
+        metadata=parsed.metadata,
+        has_text=parsed.has_text,
     )
 
 
@@ -167,7 +141,7 @@ async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _R
         )
         return _Routed(parsed, decision, None)
     outcome: ProbeOutcome | None = None
-    if state.probe is not None and state.engine.needs_probe(policy):
+    if state.probe is not None and parsed.has_text and state.engine.needs_probe(policy):
         outcome = await state.probe.measure(parsed.probe_input)
     decision = state.engine.decide(
         policy,
@@ -184,8 +158,21 @@ async def _authorize_and_parse(
     state: GatewayState, scope: Scope, receive: Receive, endpoint: Endpoint
 ) -> ParsedRequest:
     await admit(state, scope, "client")
-    raw = await read_body(receive, state.settings.server.max_body_bytes)
+    server = state.settings.server
+    if server.body_timeout_s <= server.request_timeout_s:
+        timeout_s, setting = server.body_timeout_s, "server.body_timeout_s"
+    else:
+        timeout_s, setting = server.request_timeout_s, "server.request_timeout_s"
+    raw = await read_body(
+        receive, server.max_body_bytes, timeout_s=timeout_s, timeout_setting=setting
+    )
     return parse_request(endpoint, raw)
+
+
+def _hold_s(state: GatewayState, backend: str) -> float:
+    """How long a human backend in hold mode may keep the request open (0 for the others)."""
+    spec = state.settings.backends.get(backend)
+    return spec.wait_s if isinstance(spec, HumanBackend) and spec.mode == "hold" else 0.0
 
 
 class CompletionsEndpoint:
@@ -197,39 +184,62 @@ class CompletionsEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state: GatewayState = scope["app"].state.gateway
         start = time.perf_counter()
+        timeout_s = state.settings.server.request_timeout_s
+        limit = asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s)
+        bind_request_limit(limit)  # waits between upstream retries stay inside it
         rule, backend_name, status = "-", "-", 500
         trace = _Trace(uuid.uuid4().hex)
+        sent = SentTracker(send)
         routed: _Routed | None = None
         try:
             parsed = await _authorize_and_parse(state, scope, receive, self.endpoint)
-            routed = await _route(state, scope, parsed)
-            routed.request_id = trace.request_id
-            rule, backend_name = routed.decision.rule, routed.decision.backend
-            if state.escalations is not None and is_human(state.settings.backends, backend_name):
-                status, backend_name = await answer_by_human(
-                    state,
-                    scope,
-                    self.endpoint,
-                    parsed,
-                    routed.decision,
-                    routed.outcome,
-                    routed.headers(backend_name, ()),
-                    receive,
-                    send,
+            async with limit:
+                routed = await _route(state, scope, parsed)
+                routed.request_id = trace.request_id
+                rule, backend_name = routed.decision.rule, routed.decision.backend
+                if state.escalations is not None and is_human(
+                    state.settings.backends, backend_name
+                ):
+                    if (hold_s := _hold_s(state, backend_name)) and (when := limit.when()):
+                        limit.reschedule(when + hold_s)  # the hold does not eat the deadline
+                    status, backend_name = await answer_by_human(
+                        state,
+                        scope,
+                        self.endpoint,
+                        parsed,
+                        routed.decision,
+                        routed.outcome,
+                        routed.headers(backend_name, ()),
+                        receive,
+                        sent,
+                    )
+                    return
+                status, backend_name = await self._answer(
+                    state, routed, receive, sent, start, trace
                 )
-                return
-            status, backend_name = await self._answer(state, routed, receive, send, start, trace)
-        except _Disconnected:
+        except Disconnected:
             status = 499
         except HTTPError as exc:
             status = exc.upstream_status if isinstance(exc, UpstreamStatus) else exc.status
-            await send_error(send, exc)
+            if not exc.public and not isinstance(exc, UpstreamStatus):
+                logger.warning(
+                    "request %s failed with %d (%s): %s",
+                    trace.request_id,
+                    status,
+                    type(exc).__name__,
+                    exc.message,
+                )
+            await send_error(sent, exc, trace.request_id)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            status = await _past_deadline(routed, sent, trace, timeout_s)
         finally:
             state.metrics.requests.labels(backend_name, rule, str(status)).inc()
             if state.events is not None:
                 try:
                     state.events.record(
-                        trace.record(state, self.endpoint, routed, backend_name, status, start)
+                        trace.event(state, self.endpoint, routed, backend_name, status, start)
                     )
                 except Exception:  # an event is never worth a failed request
                     logger.exception("building the event record failed")
@@ -239,7 +249,7 @@ class CompletionsEndpoint:
         state: GatewayState,
         routed: _Routed,
         receive: Receive,
-        send: Send,
+        send: SentTracker,
         start: float,
         trace: _Trace,
     ) -> tuple[int, str]:
@@ -284,7 +294,7 @@ class CompletionsEndpoint:
                         {
                             "type": "http.response.start",
                             "status": 200,
-                            "headers": [*_SSE_HEADERS, *headers],
+                            "headers": [*SSE_HEADERS, *headers],
                         }
                     )
                     trace.first_chunk(state, dispatched.backend, start)
@@ -292,12 +302,13 @@ class CompletionsEndpoint:
                 else:
                     await send_json(send, 200, dispatched.result.body or b"", headers)
             else:
-                await self._stream(state, dispatched, headers, send, start, trace)
+                status = await self._stream(state, dispatched, headers, send, watcher, start, trace)
         except asyncio.CancelledError:
             if not watcher.fired:
                 raise
             task.uncancel()
-            return 499, answered
+            # Gone after the whole answer (a stream's [DONE]) is no failure.
+            return (trace.status if send.stream_done or send.complete else 499), answered
         finally:
             watcher.stop()
         return status, answered
@@ -350,17 +361,19 @@ class CompletionsEndpoint:
         state: GatewayState,
         dispatched: Dispatched,
         headers: list[tuple[bytes, bytes]],
-        send: Send,
+        send: SentTracker,
+        watcher: DisconnectWatcher,
         start: float,
         trace: _Trace,
-    ) -> None:
+    ) -> int:
+        """Pass the stream on; its status: 200, or the status of the error that broke it (the
+        client then gets a generic error event and ``[DONE]``; the detail goes to the log)."""
         result = dispatched.result
         tap = trace.tap
         assert result.stream is not None
         await send(
-            {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *headers]}
+            {"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]}
         )
-        tail = b"\n\n"
         first = True
         try:
             async for chunk in result.stream:
@@ -370,26 +383,27 @@ class CompletionsEndpoint:
                 if tap is not None:
                     chunk = tap.feed(chunk)
                 if chunk:
-                    tail = chunk[-2:]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if send.stream_done:
+                        # The client has the whole stream: closing its socket now (SDKs do)
+                        # cancels nothing and is no 499; the backend's clean-up still runs.
+                        watcher.stop()
             if tap is not None and (rest := tap.flush()):
-                tail = rest[-2:]
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
         except UpstreamError as exc:
-            logger.warning("stream from %s broke mid-way: %s", dispatched.backend, exc.message)
-            sep = b"" if tail.endswith(b"\n\n") else b"\n\n"
-            event = envelope(
-                f"the upstream stream from backend {dispatched.backend!r} broke: {exc.message}",
-                exc.type,
-                code="upstream_stream_error",
+            trace.status = exc.status
+            logger.warning(
+                "request %s: the stream from %s broke mid-way: %s",
+                trace.request_id,
+                dispatched.backend,
+                exc.message,
             )
+            sep = b"" if send.at_event_boundary else b"\n\n"
+            event = exc.stream_event(trace.request_id)
             await send(
-                {
-                    "type": "http.response.body",
-                    "body": sep + b"data: " + event + b"\n\ndata: [DONE]\n\n",
-                    "more_body": True,
-                }
+                {"type": "http.response.body", "body": sep + event + SSE_DONE, "more_body": True}
             )
+            watcher.stop()
         finally:
             # Runs once, also when a disconnect cancelled the task: the cancellation has been
             # delivered, so this await completes and the upstream connection is released.
@@ -397,6 +411,32 @@ class CompletionsEndpoint:
             if tap is not None:
                 trace.usage = tap.usage
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return trace.status
+
+
+async def _past_deadline(
+    routed: _Routed | None, sent: SentTracker, trace: _Trace, timeout_s: float
+) -> int:
+    """The request ran past ``server.request_timeout_s`` and its work has been cancelled (the
+    upstream request closed): tell the client and return the status to record."""
+    if sent.complete or sent.stream_done:  # the client has its answer; the clean-up ran late
+        if not sent.complete:
+            await sent({"type": "http.response.body", "body": b"", "more_body": False})
+        return trace.status
+    logger.warning(
+        "request %s: no complete answer within server.request_timeout_s (%g s)",
+        trace.request_id,
+        timeout_s,
+    )
+    error = DeadlineExceeded(timeout_s)
+    if not sent.started:
+        await send_error(sent, error, trace.request_id)
+    elif routed is not None and routed.parsed.stream:
+        sep = b"" if sent.at_event_boundary else b"\n\n"
+        event = sse_data(error.body(trace.request_id))
+        await sent({"type": "http.response.body", "body": sep + event + SSE_DONE})
+    # else: a JSON answer cut after its headers; the server drops the connection.
+    return 504
 
 
 def _cascade_of(state: GatewayState, decision: Decision) -> Cascade | None:
@@ -424,6 +464,7 @@ class _Trace:
     """What one request's event record needs beyond the routing decision."""
 
     request_id: str
+    status: int = 200  # of the answer being sent; a broken stream's is its error's
     ttft_s: float | None = None
     usage: Usage | None = None
     tap: UsageTap | None = None
@@ -449,7 +490,7 @@ class _Trace:
             out.append((b"x-router-answer-p-large", f"{self.answer_p_large:.4f}".encode()))
         return out
 
-    def record(
+    def event(
         self,
         state: GatewayState,
         endpoint: Endpoint,
@@ -457,37 +498,38 @@ class _Trace:
         backend: str,
         status: int,
         start: float,
-    ) -> dict[str, Any]:
+    ) -> RequestEvent:
+        """The request's event record (``routed`` is None when it failed before a decision)."""
         d = routed.decision if routed is not None else None
-        result = routed.outcome.result if routed is not None and routed.outcome else None
+        outcome = routed.outcome if routed is not None else None
+        result = outcome.result if outcome is not None else None
         usage = self.usage or Usage(None, None)
         cost = _cost(state, backend, usage)
         if cost is not None and self.checked_cost is not None:
             cost += self.checked_cost
-        return {
-            "kind": "request",
-            "request_id": self.request_id,
-            "time": time.time(),
-            "endpoint": endpoint,
-            "model": routed.parsed.model if routed is not None else None,
-            "stream": routed.parsed.stream if routed is not None else None,
-            "experiment": d.experiment if d is not None else None,
-            "arm": d.arm if d is not None else None,
-            "policy": d.policy if d is not None else None,
-            "rule": d.rule if d is not None else None,
-            "backend": backend if d is not None else None,
-            "score": result.score if result is not None else None,
-            "percentile": result.percentile if result is not None else None,
-            "cache": routed.outcome.cache if routed is not None and routed.outcome else None,
-            "latency_s": time.perf_counter() - start,
-            "ttft_s": self.ttft_s,
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "status": status,
-            "cost": cost,
-            "cascade": self.cascade,
-            "answer_p_large": self.answer_p_large,
-        }
+        return RequestEvent(
+            request_id=self.request_id,
+            time=time.time(),
+            endpoint=endpoint,
+            model=routed.parsed.model if routed is not None else None,
+            stream=routed.parsed.stream if routed is not None else None,
+            experiment=d.experiment if d is not None else None,
+            arm=d.arm if d is not None else None,
+            policy=d.policy if d is not None else None,
+            rule=d.rule if d is not None else None,
+            backend=backend if d is not None else None,
+            score=result.score if result is not None else None,
+            percentile=result.percentile if result is not None else None,
+            cache=outcome.cache if outcome is not None else None,
+            latency_s=time.perf_counter() - start,
+            ttft_s=self.ttft_s,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            status=status,
+            cost=cost,
+            cascade=self.cascade,
+            answer_p_large=self.answer_p_large,
+        )
 
 
 class RouteEndpoint:
@@ -499,7 +541,7 @@ class RouteEndpoint:
             endpoint: Endpoint = "completions" if _is_completion_body(scope) else "chat/completions"
             parsed = await _authorize_and_parse(state, scope, receive, endpoint)
             routed = await _route(state, scope, parsed)
-        except _Disconnected:
+        except Disconnected:
             return
         except HTTPError as exc:
             await send_error(send, exc)

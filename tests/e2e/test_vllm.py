@@ -16,7 +16,8 @@ import pytest
 
 from policies.loader import parse_settings
 from policies.schema import VllmProbeSettings
-from probes.probe import ProbeInput, ProbeSettings, SparsityProbe
+from probes.probe import SparsityProbe
+from probes.types import ProbeInput, ProbeSettings
 from router.app import create_app
 from router.remote_probe import RemoteProbe, RemoteProbeError
 from tests.e2e.conftest import VllmServers

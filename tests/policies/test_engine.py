@@ -14,7 +14,7 @@ from policies.engine import Decision, PolicyEngine, RequestContext
 from policies.errors import PolicyError
 from policies.loader import load_settings, parse_settings
 from policies.schema import Settings
-from probes.probe import ProbeResult
+from probes.types import ProbeResult
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT = Path(__file__).resolve().parents[2] / "config" / "default.yaml"

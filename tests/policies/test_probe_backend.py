@@ -8,7 +8,7 @@ import pytest
 
 from policies.errors import ConfigError
 from policies.loader import load_settings, parse_settings
-from probes.probe import ProbeSettings
+from probes.types import ProbeSettings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "examples" / "vllm-probe.yaml"
 

@@ -18,7 +18,7 @@ from policies.schema import (
     Settings,
     format_loc,
 )
-from probes.probe import ProbeSettings
+from probes.types import ProbeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -106,7 +106,7 @@ def test_vllm_example() -> None:
 
 
 def test_supervised_example_feeds_the_default_recipe() -> None:
-    from router.evaluate import neighbour_blocks, supervised_features
+    from evaluation.recipes import neighbour_blocks, supervised_features
 
     s = load_settings(EXAMPLES / "supervised.yaml")
     probe = s.probe
@@ -135,7 +135,7 @@ def test_cascade_example_checks_the_small_models_answers() -> None:
     assert s.answer_calibration_path() == EXAMPLES / "answers.json"
     assert s.calibration_path() is None
     assert s.probe.state_layers == (12,) and max(s.probe.layers) == 12
-    from router.evaluate import answer_features
+    from evaluation.recipes import answer_features
 
     assert {int(f.split(".")[0][1:]) for f in answer_features(30)} <= set(s.probe.layers)
 
@@ -283,8 +283,8 @@ BROKEN: dict[str, list[str]] = {
         "8: policies.default.rules[0].when.score: min (0.8) must be less than max (0.8)"
     ],
     "bad-unknown-key.yaml": [
-        "7: policies.default: unknown key 'fallback' (allowed: cascade, default, on_probe_error, "
-        "rules)"
+        "7: policies.default: unknown key 'fallback' (allowed: cascade, default, on_no_text, "
+        "on_probe_error, rules)"
     ],
     "bad-wrong-type.yaml": [
         "2: server.port: must be a valid integer, unable to parse string as an integer, "
@@ -334,8 +334,8 @@ BROKEN: dict[str, list[str]] = {
     ],
     "bad-empty-condition.yaml": [
         "6: policies.default.rules[0].when: empty condition: give at least one of always, "
-        "percentile, share, p_large, score, metric, n_tokens, model, user, header, metadata (write "
-        "`always: true` for a rule that matches every request)"
+        "percentile, share, p_large, score, metric, n_tokens, model, user, header, metadata, "
+        "has_text (write `always: true` for a rule that matches every request)"
     ],
     "bad-backend-type.yaml": [
         "3: backends.large: unknown type 'vllm' (allowed: human, local, openai)"
@@ -408,8 +408,8 @@ def test_problems_carry_structured_fields() -> None:
         (
             "probe: {scor_metric: hoyer}\n",
             "s.yaml:7: probe: unknown key 'scor_metric' (allowed: backend, batch_size, batching, "
-            "chat_template, device, dtype, layers, max_tokens, metrics, model, prefix_cache, "
-            "score_layer, score_metric, "
+            "chat_template, device, dtype, layers, max_chars, max_messages, max_tokens, metrics, "
+            "model, prefix_cache, score_layer, score_metric, "
             "score_position, state_layers, system_prompt, threads, timeout_s, token_mean, vllm, "
             "warm_up)",
         ),
@@ -673,3 +673,24 @@ def test_human_backend_and_escalation_section() -> None:
         )
     assert "h.yaml:3: backends.human.ticket_message: " in str(info.value)
     assert "may only use the placeholder {id}" in str(info.value)
+
+
+def test_the_schema_package_re_exports_every_section() -> None:
+    import policies.schema as schema
+    from policies.schema import (
+        backends,
+        common,
+        escalation,
+        experiments,
+        probe,
+        rules,
+        server,
+        settings,
+    )
+
+    for module in (backends, escalation, experiments, probe, rules, server, settings):
+        for name in module.__all__:
+            assert name in schema.__all__ and getattr(schema, name) is getattr(module, name)
+    for name in ("Loc", "SchemaProblems", "format_loc"):
+        assert name in schema.__all__ and getattr(schema, name) is getattr(common, name)
+    assert all(hasattr(schema, name) for name in schema.__all__)

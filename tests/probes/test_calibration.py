@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from probes.calibration import Calibration, fit_calibration
 from probes.errors import CalibrationError
 from probes.plots import plot_calibration
-from probes.probe import ProbeResult
+from probes.types import ProbeResult
 
 FINGERPRINT: dict[str, Any] = {
     "model": "test-model",

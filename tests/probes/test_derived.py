@@ -16,7 +16,8 @@ from safetensors import safe_open
 from probes.derived import DERIVED_INFO, derive_probe_model, derived_name, main
 from probes.errors import ProbeInputError
 from probes.metrics import compute_all
-from probes.probe import ProbeSettings, SparsityProbe
+from probes.probe import SparsityProbe
+from probes.types import ProbeSettings
 
 
 @pytest.fixture

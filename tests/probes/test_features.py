@@ -9,14 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from probes.features import (
+from probes.feature_names import (
     expand_features,
-    extract,
     is_state_feature,
     parse_state_feature,
     state_feature,
 )
-from probes.probe import ProbeSettings, SparsityProbe
+from probes.features import extract
+from probes.probe import SparsityProbe
+from probes.types import ProbeSettings
 
 PROMPTS = [
     "What is two plus two?",

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from probes.errors import ProbeInputError
-from probes.metrics import METRIC_NAMES, compute_all, sparsity
-from probes.probe import ProbeResult, ProbeSettings, SparsityProbe
+from probes.metric_names import METRIC_NAMES, sparsity
+from probes.metrics import compute_all
+from probes.probe import SparsityProbe
+from probes.types import ProbeResult, ProbeSettings
 
 TEXTS = [
     "What is two plus two?",

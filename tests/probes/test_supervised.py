@@ -13,9 +13,10 @@ import pytest
 from policies.engine import PolicyEngine, RequestContext
 from policies.loader import parse_settings
 from probes.calibration import Calibration
-from probes.metrics import sparsity
-from probes.probe import ProbeResult
+from probes.metric_names import sparsity
+from probes.neighbours import NeighbourVote
 from probes.supervised import LENGTH_FEATURE, SupervisedModel, fit_logistic, required_probe
+from probes.types import ProbeResult
 
 FEATURES = ("L2.gini.last", "L4.effective_rank.mean", LENGTH_FEATURE)
 
@@ -278,8 +279,6 @@ def test_neighbour_vote_is_stacked_into_p_large() -> None:
     """A model with a neighbour vote on L6's token mean: predict (one live result) equals
     predict_matrix (a table), the vote moves P the way its weight says, and the probe must keep
     layer 6's vectors."""
-    from probes.neighbours import NeighbourVote
-
     rng = np.random.default_rng(5)
     results = []
     for _ in range(200):
@@ -342,8 +341,6 @@ def test_two_votes_are_stacked_each_with_its_weight() -> None:
     """Votes on L6's and L8's token means: P = sigmoid(a z + b6 vote6 + b8 vote8 + c) for a
     table and for one live result alike; the probe keeps both layers; a stack whose length does
     not match the votes, or two votes on one block, are refused by name."""
-    from probes.neighbours import NeighbourVote
-
     rng = np.random.default_rng(6)
     results = []
     for _ in range(150):

@@ -29,7 +29,7 @@ def escalation_yaml(
 ) -> str:
     keys = (
         f'{{api_keys: ["{CLIENT_A}", "{CLIENT_B}"], '
-        f"keys: [{{key: {REVIEWER}, scope: reviewer, name: rita}}]}}"
+        f"keys: [{{key: {REVIEWER}, scope: reviewer, name: rita}}], public_metrics: true}}"
         if auth
         else "{}"
     )

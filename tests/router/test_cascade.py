@@ -85,7 +85,13 @@ def test_a_kept_chat_answer_replays_as_chunks() -> None:
     chunks = events(as_sse("chat/completions", body, {"stream": True}))
     assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 2
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Paris."}
-    assert chunks[1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert chunks[1]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    assert all("usage" not in c for c in chunks)  # the client did not ask for it
     assert {c["id"] for c in chunks} == {"chatcmpl-9"} and chunks[0]["created"] == 7
     with_usage = events(
         as_sse(
@@ -93,6 +99,7 @@ def test_a_kept_chat_answer_replays_as_chunks() -> None:
         )
     )
     assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"]["total_tokens"] == 5
+    assert [c["usage"] for c in with_usage[:-1]] == [None, None]  # as OpenAI sends it
 
 
 def test_a_kept_completion_replays_as_text_chunks() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import sqlite3
 import time
@@ -11,22 +13,33 @@ from typing import Any
 
 import pytest
 
-from router.events import EventLog, JSONLSink, RedisStreamSink, SQLiteSink, open_sink
+from router.events import (
+    FEEDBACK_FIELDS,
+    REQUEST_FIELDS,
+    EventLog,
+    FeedbackEvent,
+    JSONLSink,
+    RedisStreamSink,
+    RequestEvent,
+    SQLiteSink,
+    event_from_record,
+    open_sink,
+    read_events,
+)
 
 
-def request(i: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "kind": "request",
-        "request_id": f"r{i}",
-        "time": 1000.0 + i,
-        "arm": "a" if i % 2 else "b",
-        "backend": "small",
-        "latency_s": 0.01 * i,
-        "prompt_tokens": 5,
-        "completion_tokens": i,
-        "status": 200,
+def request(i: int, **extra: Any) -> RequestEvent:
+    return RequestEvent(
+        request_id=f"r{i}",
+        time=1000.0 + i,
+        arm="a" if i % 2 else "b",
+        backend="small",
+        latency_s=0.01 * i,
+        prompt_tokens=5,
+        completion_tokens=i,
+        status=200,
         **extra,
-    }
+    )
 
 
 class Drops:
@@ -49,7 +62,7 @@ def test_file_sinks_keep_every_record_and_drain_on_close(kind: str, tmp_path: Pa
     log = EventLog(sink, queue_size=5000, batch_size=64, on_drop=drops.drop, on_written=drops.wrote)
     for i in range(2000):
         assert log.record(request(i))
-    log.record({"kind": "feedback", "request_id": "r7", "time": 5.0, "score": 0.5, "label": None})
+    log.record(FeedbackEvent(request_id="r7", time=5.0, score=0.5))
     log.close()  # drains the queue before closing the sink
     assert drops.written == 2001 and not drops.counts
     reader = SQLiteSink(path) if kind == "sqlite" else JSONLSink(path)
@@ -172,11 +185,56 @@ def test_redis_stream_is_trimmed(redis_server: Any) -> None:
 
     sink = RedisStreamSink(redis_server.url, "trim:events", max_len=100)
     for start in range(0, 2000, 200):
-        sink.write([request(i) for i in range(start, start + 200)])
+        sink.write([request(i).to_record() for i in range(start, start + 200)])
     length = redis.Redis.from_url(redis_server.url).xlen("trim:events")
     assert 100 <= length < 400  # MAXLEN ~ trims whole macro nodes
     records = list(sink.read())
     assert len(records) == length and records[-1]["request_id"] == "r1999"
+    sink.close()
+
+
+def test_event_fields_are_the_stored_columns() -> None:
+    assert [f.name for f in dataclasses.fields(RequestEvent)] == list(REQUEST_FIELDS)
+    assert [f.name for f in dataclasses.fields(FeedbackEvent)] == list(FEEDBACK_FIELDS)
+    record = request(3, stream=True, cascade="kept").to_record()
+    assert list(record) == ["kind", *REQUEST_FIELDS] and record["kind"] == "request"
+    assert record["stream"] is True and record["experiment"] is None
+    feedback = FeedbackEvent(request_id="r3", time=2.0, label="thumbs_up").to_record()
+    assert feedback == {
+        "kind": "feedback",
+        "request_id": "r3",
+        "time": 2.0,
+        "score": None,
+        "label": "thumbs_up",
+    }
+
+
+def test_events_read_back_from_records_old_and_new() -> None:
+    event = request(4, stream=False, score=0.25, cost=0.5, cascade="escalated")
+    assert RequestEvent.from_record(event.to_record()) == event
+    assert RequestEvent.from_record(json.loads(json.dumps(event.to_record()))) == event
+    # A row written before most columns existed: what it lacks is None; unknown keys ignored.
+    old = RequestEvent.from_record({"kind": "request", "request_id": "x", "time": 1, "new": 3})
+    assert old == RequestEvent(request_id="x", time=1.0)
+    assert old.time == 1.0 and isinstance(old.time, float) and old.answer_p_large is None
+    assert RequestEvent.from_record({"request_id": "s", "stream": 1}).stream is True  # SQLite
+    with pytest.raises(ValueError, match="request_id"):
+        RequestEvent.from_record({"kind": "request", "time": 1.0})
+    with pytest.raises(ValueError, match="latency_s"):
+        RequestEvent.from_record({"request_id": "x", "latency_s": "slow"})
+    feedback = FeedbackEvent(request_id="r1", time=3.0, score=1.0)
+    assert event_from_record(feedback.to_record()) == feedback
+    assert event_from_record(event.to_record()) == event
+    assert event_from_record({"kind": "future", "request_id": "r1"}) is None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl"])
+def test_read_events_of_a_sink(kind: str, tmp_path: Path) -> None:
+    sink = open_sink(kind, path=tmp_path / f"e.{kind}", redis_url=None, stream="s", max_len=10)
+    written = [request(1, stream=True), request(2, score=0.5, percentile=0.9)]
+    feedback = FeedbackEvent(request_id="r1", time=2000.0, score=0.5, label="ok")
+    sink.write([e.to_record() for e in [*written, feedback]])
+    assert list(read_events(sink)) == [*written, feedback]
     sink.close()
 
 

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
+from cli.main import main
 from policies.experiments import assign
-from router.cli import main
 from tests.router.conftest import REFERENCE
 from tests.servers import FakeUpstream, ServerThread
 

@@ -97,7 +97,8 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(
     """Rate limits and the probe cache live in Redis; Redis dies after 50 requests and is back
     after 120: 0 failed requests, and both come back to Redis."""
     gw = make_gateway(
-        api_keys="[], keys: [{key: k1, name: loadgen}], rate_limit: {requests_per_s: 1000, "
+        api_keys="[], keys: [{key: k1, name: loadgen}], public_metrics: true, "
+        "rate_limit: {requests_per_s: 1000, "
         f'burst: 1000, redis_url: "{redis_server.url}"}}',
         extra=f'cache: {{memory: {{max_entries: 0}}, redis: {{url: "{redis_server.url}"}}}}',
     )
@@ -160,8 +161,11 @@ def test_stalled_upstream_times_out_without_hung_connections_or_leaked_tasks(
         tiny_model_dir,
         tiny_calibration,
         upstreams,
-        large_timeouts="timeouts: {connect_s: 1, read_s: 0.3, total_s: 1}",
-    ).replace("model: small-served,", "model: small-served, timeouts: {read_s: 0.3},")
+        # no circuit breakers: every request is to reach a stalled upstream and time out
+        large_timeouts="timeouts: {connect_s: 1, read_s: 0.3, total_s: 1}\n    breaker: null",
+    ).replace(
+        "model: small-served,", "model: small-served, timeouts: {read_s: 0.3}, breaker: null,"
+    )
     path = tmp_path / "gw.yaml"
     path.write_text(text)
     app = create_app(load_settings(path), probe=tiny_probe)
@@ -194,6 +198,7 @@ def test_stalled_upstream_times_out_without_hung_connections_or_leaked_tasks(
 RELOADABLE = """
 auth:
   keys: [{{key: admin-k, scope: admin}}, {{key: client-k}}]
+  public_metrics: true
 backends:
   small: {{type: openai, base_urls: ["{small}"]}}
   large: {{type: openai, base_urls: ["{large}"]}}
@@ -284,7 +289,7 @@ def test_sighup_reloads_a_serve_process(upstreams: Upstreams, tmp_path: Path) ->
     with socket_port() as port:
         pass
     proc = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "serve", "--config", str(path), "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "serve", "--config", str(path), "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,

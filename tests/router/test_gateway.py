@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from probes.errors import ProbeInputError
+from probes.probe import SparsityProbe
 from tests.router.conftest import REFERENCE, closed_port_url
 from tests.servers import FakeUpstream, ServerThread
 
@@ -242,7 +244,10 @@ def test_everything_down_is_a_503_envelope(make_gateway: MakeGateway, upstreams:
     assert r.status_code == 503
     error = r.json()["error"]
     assert error["type"] == "service_unavailable"
-    assert "no backend could answer" in error["message"] and "cannot connect" in error["message"]
+    # a generic message with the request id; the replica URLs and aiohttp's text stay in the log
+    assert "no backend could answer" in error["message"]
+    assert "cannot connect" not in error["message"]
+    assert r.headers["x-router-request-id"] in error["message"]
 
 
 def test_stream_cut_midway_ends_with_error_event_and_done(
@@ -294,11 +299,19 @@ def test_client_disconnect_cancels_upstream_request(
     assert wait_for(lambda: fake.disconnects == 1, timeout=3)
 
 
-def test_probe_failure_goes_to_on_probe_error(make_gateway: MakeGateway) -> None:
+def test_probe_failure_goes_to_on_probe_error(
+    make_gateway: MakeGateway, tiny_probe: SparsityProbe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise ProbeInputError("input 0 tokenizes to nothing: nothing to probe")
+
     gw = make_gateway()
+    # blank text is no probe error any more (rule no_text: tests/router/test_hostile.py)
+    for name in ("encode", "measure", "measure_one"):
+        monkeypatch.setattr(tiny_probe, name, refuse)
     r = httpx.post(
         gw.url + "/v1/chat/completions",
-        json={"model": "auto", "messages": [{"role": "user", "content": "   "}]},
+        json={"model": "auto", "messages": [{"role": "user", "content": "unreadable"}]},
         timeout=20,
     )
     assert r.status_code == 200

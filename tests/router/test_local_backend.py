@@ -390,18 +390,26 @@ async def test_failure_before_output_is_upstream_error(tiny: LoadedModel) -> Non
     await b.aclose()
 
 
-async def test_failure_mid_stream_sends_error_event(tiny: LoadedModel) -> None:
+async def test_failure_mid_stream_raises_upstream_error(tiny: LoadedModel) -> None:
+    # As an HTTP backend's stream does: the route turns it into a generic error event + [DONE]
+    # (tests/router/test_hostile_streams.py); the exception's text is for the log only.
     body = {**CHAT, "temperature": 0, "ignore_eos": True, "max_tokens": 20}
     b = LocalBackend("small", recorded(tiny, fail_on=4)[0])
     with pytest.raises(UpstreamError):
         await b.send("chat/completions", body, stream=False)
     await b.aclose()
     b = LocalBackend("small", recorded(tiny, fail_on=4)[0])
-    chunks = await read_stream(await b.send("chat/completions", body, stream=True))
-    assert len(chunks) > 4  # role, then pieces from the first three tokens
-    assert chunks[-1] == "[DONE]"
-    assert "simulated device failure" in chunks[-2]["error"]["message"]
-    assert chunks[-2]["error"]["type"] == "upstream_error"
+    result = await b.send("chat/completions", body, stream=True)
+    assert result.stream is not None
+    raw: list[bytes] = []
+    with pytest.raises(UpstreamError, match="simulated device failure") as info:
+        async for chunk in result.stream:
+            raw.append(chunk)
+    await result.close()
+    assert not isinstance(info.value, UpstreamStatus)
+    chunks = events(b"".join(raw))
+    assert len(chunks) >= 4  # role, then pieces from the first three tokens
+    assert "[DONE]" not in chunks
     assert b.running == 0
     await b.aclose()
 
@@ -469,18 +477,25 @@ async def test_cancelled_consumer_stops_generation(tiny: LoadedModel) -> None:
 async def test_close_from_another_task_while_iterating(tiny: LoadedModel) -> None:
     b, recorder, result = await start_long(tiny)
     chunks: list[bytes] = []
+    errors: list[UpstreamError] = []
 
     async def consume() -> None:
         assert result.stream is not None
-        async for chunk in result.stream:
-            chunks.append(chunk)
+        try:
+            async for chunk in result.stream:
+                chunks.append(chunk)
+        except UpstreamError as exc:  # the stream ends unfinished, as a broken one does
+            errors.append(exc)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(consume)
         await anyio.sleep(0.05)
         await result.close()  # the consumer is mid-iteration in its own task
     await assert_stopped(b, recorder)
-    assert chunks[-1] == b"data: [DONE]\n\n"
+    assert [str(e.message) for e in errors] == [
+        "backend 'small': generation stopped before it finished"
+    ]
+    assert chunks and b"[DONE]" not in b"".join(chunks)
     await b.aclose()
 
 

@@ -14,7 +14,8 @@ import torch
 from policies.schema import VllmProbeSettings
 from probes.derived import derived_name
 from probes.metrics import compute_all
-from probes.probe import ProbeSettings, SparsityProbe
+from probes.probe import SparsityProbe
+from probes.types import ProbeSettings
 from router.probing import ProbeService
 from router.remote_probe import RemoteProbe, RemoteProbeError
 from tests.router.conftest import closed_port_url

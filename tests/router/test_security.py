@@ -106,7 +106,8 @@ policies: {default: {rules: [], default: small, on_probe_error: small}}
 
 def test_rate_limit_in_memory_answers_429_with_retry_after(make_gateway: MakeGateway) -> None:
     gw = make_gateway(
-        api_keys="[], keys: [{key: ka, name: alice}, {key: kb, name: bob}], "
+        api_keys="[], keys: [{key: ka, name: alice}, {key: kb, name: bob}, "
+        "{key: km, scope: metrics, name: prom}], "
         "rate_limit: {requests_per_s: 0.2, burst: 3}"
     )
     for _ in range(3):
@@ -120,8 +121,8 @@ def test_rate_limit_in_memory_answers_429_with_retry_after(make_gateway: MakeGat
     assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
     assert "alice" in err["message"] and "ka" not in err["message"].split()
     assert ask(gw, "kb").startswith("answer from small")  # bob has his own bucket
-    metrics = httpx.get(gw.url + "/metrics", timeout=10).text
-    assert 'router_rate_limited_total{caller="alice"} 1.0' in metrics
+    metrics = httpx.get(gw.url + "/metrics", headers={"authorization": "Bearer km"}, timeout=10)
+    assert 'router_rate_limited_total{caller="alice"} 1.0' in metrics.text
 
 
 def test_rate_limit_on_redis_is_shared_between_gateways(

@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
+from tests.cli.test_serve import ROOT, free_port
 from tests.redis_server import RedisServer
 from tests.router.conftest import gateway_yaml
-from tests.router.test_serve import ROOT, free_port
 from tests.servers import FakeUpstream, ServerThread
 
 
@@ -38,7 +38,7 @@ def config(
 def start_gateway(config: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
