@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint serve bench clean-venv vllm-venv chromium
+.PHONY: setup test lint serve bench clean-venv vllm-venv chromium node-sdk
 
 setup: $(STAMP)
 
@@ -39,7 +39,18 @@ chromium:
 		$$APT install -y chromium || { $$APT update && $$APT install -y chromium; }; \
 	} || echo "chromium not installed: the reviewer-page browser test will skip"
 
-test: lint vllm-venv chromium
+# The official openai Node SDK for tests/router/test_node_sdk.py (tests/node, from its lock file).
+# Best effort: without node/npm the test skips. (~2 s once; instant when present.)
+node-sdk:
+	@if ! command -v npm >/dev/null; then \
+		echo "npm not installed: the Node SDK test will skip"; \
+	elif [ ! -f tests/node/node_modules/.package-lock.json ] || \
+		[ tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]; then \
+		npm ci --prefix tests/node --no-audit --no-fund || \
+			echo "npm ci failed: the Node SDK test will skip"; \
+	fi
+
+test: lint vllm-venv chromium node-sdk
 	$(BIN)/python -m pytest -q
 
 serve: setup

@@ -8,6 +8,7 @@ the readers expect. Every reader returns rows in a fixed order, so seeded sample
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -24,6 +25,7 @@ __all__ = [
     "MGSM_LANGUAGES",
     "MathProblem",
     "Outcome",
+    "add_data_argument",
     "char_noise",
     "data_root",
     "random_tokens",
@@ -39,6 +41,16 @@ DOCS = "docs/benchmarks.md"
 MGSM_LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 WEAK_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG_MODEL = "gpt-4-1106-preview"
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--data DIR`` option every benchmark takes (read it with :func:`data_root`)."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"the benchmark data folder (--data / ${DATA_ENV}, see {DOCS})",
+    )
 
 
 def data_root(override: str | os.PathLike[str] | None = None) -> Path:

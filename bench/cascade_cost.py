@@ -29,11 +29,11 @@ import time
 
 import numpy as np
 
-from bench._data import WEAK_MODEL, data_root
+from bench._data import WEAK_MODEL, add_data_argument, data_root
 from policies.loader import load_settings
+from probes.answers import answer_input
 from probes.probe import SparsityProbe
 from probes.types import ProbeInput
-from router.cascade import answer_input
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,7 @@ def timed(probe: SparsityProbe, items: list[ProbeInput]) -> tuple[np.ndarray, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument(
-        "--data",
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(parser)
     args = parser.parse_args()
     path = data_root(args.data) / "routellm" / "gsm8k" / "gsm8k_responses.csv"
     with path.open(newline="", encoding="utf-8") as f:

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench._data import data_root
+from bench._data import add_data_argument, data_root
 from probes.metrics import compute_all
 from probes.model import LoadedModel, load_model
 from probes.probe import SparsityProbe
@@ -700,12 +700,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"layers for the per-depth line (default: {','.join(map(str, DEPTHS))})",
     )
     p.add_argument("--json", type=Path, default=None, help="also write all figures here")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--options", action="store_true", help="time speed options at 128 tokens")
     p.add_argument("--compile", action="store_true", help="with --options: try torch.compile")

@@ -61,9 +61,14 @@ import torch
 from policies.engine import PolicyEngine, RequestContext
 from policies.loader import load_settings
 from probes.calibration import Calibration
-from probes.probe import ProbeSettings, SparsityProbe  # (probes.probe: older checkouts too)
+from probes.probe import SparsityProbe
 from router.cache import MemoryCache, RedisCache, TieredCache
 from router.probing import BatchingConfig, ProbeService
+
+try:
+    from probes.types import ProbeSettings
+except ImportError:  # an older checkout (--code) has it in probes.probe
+    from probes.probe import ProbeSettings  # type: ignore[attr-defined,no-redef]
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ["the fox", "sixteen eggs", "a train", "the Roman empire", "photosynthesis", "tax law"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _data import data_root, read_gsm8k, read_mmlu
+from _data import add_data_argument, data_root, read_gsm8k, read_mmlu
 
 
 def build(root: Path, n_gsm8k: int, n_mmlu: int, seed: int) -> list[str]:
@@ -39,12 +39,7 @@ def build(root: Path, n_gsm8k: int, n_mmlu: int, seed: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--gsm8k", type=int, default=400)
     parser.add_argument("--mmlu", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)

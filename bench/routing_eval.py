@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from bench._data import data_root
+from bench._data import add_data_argument, data_root
 from evaluation.baselines import embed_minilm
 from evaluation.crossval import fold_ids, inner_l2
 from evaluation.metrics import apgr
@@ -113,12 +113,7 @@ def candidates(names: tuple[str, ...]) -> dict[str, Callable[[dict], tuple[float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--mmlu-n", type=int, default=2000)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

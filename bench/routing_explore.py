@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bench._data import data_root
+from bench._data import add_data_argument, data_root
 from bench.routing_eval import METRICS5, cv_apgr, parse
 from evaluation.crossval import fold_ids
 from evaluation.metrics import apgr
@@ -90,12 +90,7 @@ def routers_for(data: OutcomeSet, table: Any) -> dict[str, Callable[[], tuple[fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(parser)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from evaluation.tables import feature_table

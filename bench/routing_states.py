@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bench._data import data_root
+from bench._data import add_data_argument, data_root
 from bench.routing_eval import METRICS5, parse
 from evaluation.baselines import embed_minilm
 from evaluation.crossval import fold_ids
@@ -123,12 +123,7 @@ def load_sets(root: Path, mmlu_n: int) -> dict[str, OutcomeSet]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--mmlu-n", type=int, default=2000)
     parser.add_argument("--extract-only", action="store_true")
     parser.add_argument("--sets", default="GSM8K,MMLU", help="comma-separated: GSM8K, MMLU")

@@ -27,7 +27,7 @@ import os
 
 import numpy as np
 
-from bench._data import data_root
+from bench._data import add_data_argument, data_root
 from evaluation.crossval import cv_stacked, fold_ids
 from evaluation.outcomes import OutcomeSet, read_outcomes
 from evaluation.recipes import SECOND_VOTE_FROM, neighbour_blocks, supervised_features
@@ -54,12 +54,7 @@ def load(name: str, root: Path) -> OutcomeSet:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--sets", default="gsm8k,mmlu-2000,mmlu-14037")
     parser.add_argument("--seeds", default="0,1,2,3", help="fold-split seeds")
     args = parser.parse_args()

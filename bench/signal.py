@@ -50,6 +50,7 @@ from numpy.typing import NDArray
 from bench._data import (
     MathProblem,
     Outcome,
+    add_data_argument,
     char_noise,
     data_root,
     random_tokens,
@@ -1333,12 +1334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mmlu-n", type=int, default=2000)
     parser.add_argument("--shift-n", type=int, default=300, help="GSM8K questions to perturb")
     parser.add_argument("--cache", type=Path, default=None, help="feature cache folder")
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="the benchmark data folder (--data / $SPARSITY_ROUTER_DATA, see docs/benchmarks.md)",
-    )
+    add_data_argument(parser)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument(
         "--max-minutes", type=float, default=None,

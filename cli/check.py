@@ -1,5 +1,6 @@
-"""``sparsity-router check [CONFIG] [--ping]``: validate a config file; with ``--ping`` also reach
-every backend's ``/v1/models``.
+"""``sparsity-router check [CONFIG] [--ping]``: validate a config file (``CONFIG`` or
+``--config CONFIG``, else ``$SPARSITY_ROUTER_CONFIG``, else the embedded one); with ``--ping``
+also reach every backend's ``/v1/models``.
 
 Exit status 0 when valid (and reachable), 1 when a backend or a calibration file is missing, 2
 when the file is invalid (a ConfigError, printed by :func:`cli.main.main`). Loads no torch.
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
-from policies.loader import default_config_path, load_settings
+from cli.options import add_config_argument
+from policies.loader import env_value, load_settings, resolve_config_path
 from policies.schema import LocalBackend as LocalBackendSettings
 from policies.schema import OpenAIBackend as OpenAIBackendSettings
 from policies.schema import Settings
@@ -33,7 +34,7 @@ def register(subparsers: Any) -> None:
         "Exit status 0 when valid (and reachable), 1 when a backend or the calibration file is "
         "missing, 2 when the file is invalid.",
     )
-    parser.add_argument("config", nargs="?", metavar="CONFIG", help="default: the embedded one")
+    add_config_argument(parser)
     parser.add_argument("--ping", action="store_true", help="reach every backend")
     parser.set_defaults(handler=run)
 
@@ -102,7 +103,7 @@ async def _ping(settings: Settings) -> tuple[list[str], bool]:
         backend = OpenAIBackend(
             name,
             list(spec.base_urls),
-            api_key=os.environ.get(spec.api_key_env) if spec.api_key_env else None,
+            api_key=env_value(spec.api_key_env) if spec.api_key_env else None,
             connect_s=min(spec.timeouts.connect_s, 5.0),
             read_s=min(spec.timeouts.read_s, 10.0),
         )
@@ -118,7 +119,7 @@ async def _ping(settings: Settings) -> tuple[list[str], bool]:
 
 def check_config(config: str | None, ping: bool) -> tuple[list[str], int]:
     """Validate a config file (raises ConfigError); with ``ping``, reach every backend."""
-    path = Path(config) if config else default_config_path()
+    path = resolve_config_path(config)
     settings = load_settings(path)
     lines = _summary(settings, str(path))
     status = 0 if all(file.is_file() for _, file, _ in _calibrations(settings)) else 1

@@ -15,6 +15,7 @@ from evaluation.experiments import (
     read_experiment_records,
     to_markdown,
 )
+from policies.loader import resolve_config_path
 
 __all__ = ["register", "run_report"]
 
@@ -35,7 +36,11 @@ def register(subparsers: Any) -> None:
         "control, chi-square test of backend shares.",
     )
     report.add_argument("name", metavar="NAME", help="the experiment's name")
-    report.add_argument("--config", metavar="FILE", help="config file (default: the embedded)")
+    report.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file (default: $SPARSITY_ROUTER_CONFIG, else the embedded one)",
+    )
     report.add_argument("--out", default=".", metavar="DIR", help="where NAME.md/.png go")
     report.add_argument("--control", metavar="ARM", help="arm to compare against")
     report.add_argument("--resamples", type=int, default=2000, metavar="N")
@@ -48,7 +53,7 @@ def run_report(args: argparse.Namespace) -> int:
     """Build the report of experiment ``NAME`` and write it."""
     if args.resamples < 1:
         raise ReportError(f"--resamples must be at least 1, got {args.resamples}")
-    records, control, order = read_experiment_records(args.config, args.name)
+    records, control, order = read_experiment_records(resolve_config_path(args.config), args.name)
     report = build_report(
         records,
         args.name,

@@ -1,6 +1,7 @@
 """Options and steps shared by the ``sparsity-router`` commands.
 
 - argument types: :func:`layer_list`, :func:`positive_int`;
+- the config file: :func:`add_config_argument` (``CONFIG`` or ``--config CONFIG``);
 - the probe options (:func:`add_probe_options`) and :func:`build_probe`, which loads the probe
   model they describe (torch and transformers are imported there, not with this module);
 - prompt files (:func:`add_input_options`, :func:`read_input_file`);
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_USAGE",
     "Handler",
+    "add_config_argument",
     "add_input_options",
     "add_label_options",
     "add_probe_options",
@@ -96,6 +99,53 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
+
+
+# -- the config file --------------------------------------------------------------------------
+
+
+class _ConfigAction(argparse.Action):
+    """Stores ``config`` from the positional ``CONFIG`` or from ``--config``; both naming
+    different files is a usage error."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if values is None:  # the positional left out
+            return
+        value = str(values)
+        given = option_string or "CONFIG"
+        current: str | None = getattr(namespace, self.dest, None)
+        source: str | None = getattr(namespace, "_config_given_as", None)
+        if current is not None and os.path.abspath(current) != os.path.abspath(value):
+            parser.error(
+                f"two different config files: {source} {current!r} and {given} {value!r}; "
+                "give one (CONFIG or --config)"
+            )
+        setattr(namespace, self.dest, value)
+        namespace._config_given_as = given
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """The config file, as the positional ``CONFIG`` or ``--config CONFIG`` (``args.config``,
+    None when neither is given: :func:`policies.loader.resolve_config_path` then reads
+    ``$SPARSITY_ROUTER_CONFIG``, else the embedded default)."""
+    help_text = "YAML config (default: $SPARSITY_ROUTER_CONFIG, else the embedded one)"
+    parser.add_argument(
+        "config", nargs="?", metavar="CONFIG", action=_ConfigAction, default=None, help=help_text
+    )
+    parser.add_argument(
+        "--config",
+        dest="config",
+        metavar="CONFIG",
+        action=_ConfigAction,
+        default=None,
+        help="the same as CONFIG",
+    )
 
 
 # -- the probe --------------------------------------------------------------------------------

@@ -22,6 +22,16 @@ How a policy decides:
    would need the probe, or the end of the rules, sends it to the policy's ``on_no_text``
    action (default: its ``default`` action), rule ``"no_text"``.
 
+5. Conditions on the request's shape (``has_tools``, ``has_images``, ``response_format``,
+   ``n_messages``) are request conditions: they need no probe.
+
+Capabilities: after the decision, :meth:`PolicyEngine.select` cuts the decision's chain
+(``backend`` then ``fallbacks``) to the backends having every capability the request needs
+(``tools``, ``vision``, ``json``: a backend's ``capabilities``). When the chosen backend lacks
+one, the first capable backend of its chain answers (``Decision.capability_fallback`` says
+``"<backend>:<missing>"``); when none has them, :class:`MissingCapability` is raised (the
+gateway answers 400), so a request's tools are never silently dropped.
+
 ``share: s`` rules match ``percentile >= threshold_for_share(cumulative share)``, by default
 ``1 - cumulative share``: shares 0.02 then 0.28 give thresholds 0.98 and 0.70.
 
@@ -34,13 +44,14 @@ repeats: ``large -> [medium, small]`` with ``medium -> [small, tiny]`` gives
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from policies.errors import PolicyError
 from policies.experiments import ExperimentRouter
 from policies.schema import Condition, Settings
+from policies.schema.backends import CAPABILITIES
 from probes.types import ProbeResult
 
 __all__ = [
@@ -48,6 +59,7 @@ __all__ = [
     "NO_TEXT_RULE",
     "ON_PROBE_ERROR_RULE",
     "Decision",
+    "MissingCapability",
     "PolicyEngine",
     "RequestContext",
 ]
@@ -68,7 +80,10 @@ class RequestContext:
     ``headers`` names are lower-cased on construction (any mapping is accepted, e.g.
     starlette's ``Headers``); ``metadata`` is the request body's ``metadata`` object.
     ``has_text``: the request holds readable text (False: only image, audio or file parts, or
-    blank text; there is nothing to probe).
+    blank text; there is nothing to probe). ``has_tools``: a non-empty ``tools`` or
+    ``functions``; ``has_images``: an ``image_url`` or ``input_image`` part;
+    ``response_format``: its ``type`` (``text`` when absent); ``n_messages``: the number of
+    chat messages (None: unknown, so an ``n_messages`` condition does not match).
     """
 
     model: str | None = None
@@ -76,6 +91,10 @@ class RequestContext:
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     has_text: bool = True
+    has_tools: bool = False
+    has_images: bool = False
+    response_format: str = "text"
+    n_messages: int | None = None
 
     def __post_init__(self) -> None:
         headers = MappingProxyType({str(k).lower(): v for k, v in self.headers.items()})
@@ -100,6 +119,24 @@ class Decision:
     probe_error: bool = False
     experiment: str | None = None  # the A/B experiment and arm that chose ``policy``
     arm: str | None = None
+    #: ``"<backend>:<missing>"`` when the chosen backend lacked a capability the request needs
+    #: and ``backend`` is the first of its chain that has them (:meth:`PolicyEngine.select`).
+    capability_fallback: str | None = None
+
+
+class MissingCapability(Exception):
+    """No backend of a decision's chain has every capability the request needs.
+
+    ``missing``: the capabilities no backend of ``chain`` has (all of the needed ones when
+    each is found somewhere but never together), in ``tools, vision, json`` order.
+    """
+
+    def __init__(self, missing: tuple[str, ...], chain: tuple[str, ...]) -> None:
+        self.missing = missing
+        self.chain = chain
+        super().__init__(
+            f"no backend of {', '.join(chain)} has the capabilities {', '.join(missing)}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +193,9 @@ class PolicyEngine:
         self._threshold = threshold_for_share or _one_minus
         self._backend_fallbacks = {
             name: tuple(backend.fallback) for name, backend in settings.backends.items()
+        }
+        self._capabilities = {
+            name: frozenset(backend.capabilities) for name, backend in settings.backends.items()
         }
         self._policies = {name: self._compile(name) for name in settings.policies}
         self._direct = settings.direct_models()
@@ -247,6 +287,42 @@ class PolicyEngine:
         """The backend serving ``model_name`` by direct pass-through (a name it lists under
         ``models``), or None (also when ``server.passthrough_direct_models`` is off)."""
         return self._direct.get(model_name)
+
+    def lacking(self, backend: str, needs: Collection[str]) -> tuple[str, ...]:
+        """The capabilities of ``needs`` that ``backend`` lacks (an unknown backend lacks
+        all), in ``tools, vision, json`` order."""
+        have = self._capabilities.get(backend, frozenset())
+        return tuple(c for c in CAPABILITIES if c in needs and c not in have)
+
+    def select(self, decision: Decision, needs: Collection[str]) -> Decision:
+        """``decision`` with its chain cut to the backends having every capability in
+        ``needs``; when its backend lacks one, the first capable backend of the chain becomes
+        the backend (``capability_fallback`` names the skipped one and what it lacks).
+
+        Raises :class:`MissingCapability` when no backend of the chain has them all."""
+        if not needs:
+            return decision
+        chain = (decision.backend, *decision.fallbacks)
+        capable = tuple(b for b in chain if not self.lacking(b, needs))
+        if not capable:
+            nowhere = tuple(
+                c for c in CAPABILITIES if c in needs and all(self.lacking(b, (c,)) for b in chain)
+            )
+            wanted = tuple(c for c in CAPABILITIES if c in needs)
+            raise MissingCapability(nowhere or wanted, chain)
+        if capable == chain:
+            return decision
+        if capable[0] == decision.backend:
+            return replace(decision, fallbacks=capable[1:])
+        missing = ",".join(self.lacking(decision.backend, needs))
+        return replace(
+            decision,
+            backend=capable[0],
+            fallbacks=capable[1:],
+            reason=f"{decision.reason}; {decision.backend} lacks {missing}, so {capable[0]} "
+            "answers",
+            capability_fallback=f"{decision.backend}:{missing}",
+        )
 
     def needs_probe(self, policy_name: str) -> bool:
         """Whether any rule of the policy looks at the probe (percentile, share, score, metric,
@@ -415,6 +491,23 @@ def _context_reasons(when: Condition, context: RequestContext) -> list[str] | No
         if when.has_text != context.has_text:
             return None
         why.append("has text" if context.has_text else "no text")
+    if when.has_tools is not None:
+        if when.has_tools != context.has_tools:
+            return None
+        why.append("has tools" if context.has_tools else "no tools")
+    if when.has_images is not None:
+        if when.has_images != context.has_images:
+            return None
+        why.append("has images" if context.has_images else "no images")
+    if when.response_format is not None:
+        if context.response_format not in when.response_format:
+            return None
+        why.append(f"response_format {context.response_format}")
+    if when.n_messages is not None:
+        n = context.n_messages
+        if n is None or not when.n_messages.contains(n):
+            return None
+        why.append(f"n_messages {n} in {when.n_messages.describe()}")
     if when.model is not None:
         if context.model is None or context.model not in when.model:
             return None

@@ -11,6 +11,11 @@ Interpolation applies to every scalar *value* (not to keys) before validation:
 ``$${``
     a literal ``${``.
 
+The project's own variables are named ``SPARSITY_ROUTER_*``. For one release a reference to one
+of them that is unset falls back to its old name (:data:`DEPRECATED_ALIASES`), with one
+deprecation WARNING per old name per load. ``SPARSITY_ROUTER_CONFIG`` names the config file
+used when a command is given none (:func:`resolve_config_path`).
+
 The result is a string; validation converts it where a number or a boolean is expected
 (``port: ${PORT:-8080}``).
 
@@ -22,6 +27,7 @@ Every problem becomes one line of the :class:`~policies.errors.ConfigError` mess
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -35,7 +41,43 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from policies.errors import ConfigError, ConfigProblem
 from policies.schema import Loc, SchemaProblems, Settings, format_loc
 
-__all__ = ["default_config_path", "interpolate", "load_settings", "parse_settings"]
+__all__ = [
+    "CONFIG_ENV",
+    "DEPRECATED_ALIASES",
+    "default_config_path",
+    "env_value",
+    "interpolate",
+    "load_settings",
+    "parse_settings",
+    "resolve_config_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The variable naming the config file when a command is given none.
+CONFIG_ENV = "SPARSITY_ROUTER_CONFIG"
+
+#: New variable name -> the old names still read (in this order) when it is unset. Drop after
+#: one release.
+DEPRECATED_ALIASES: Mapping[str, tuple[str, ...]] = {
+    "SPARSITY_ROUTER_API_KEY": ("ROUTER_API_KEY",),
+    "SPARSITY_ROUTER_REVIEWER_KEY": ("ROUTER_REVIEWER_KEY",),
+    "SPARSITY_ROUTER_ADMIN_KEY": ("ROUTER_ADMIN_KEY",),
+    "SPARSITY_ROUTER_HOST": ("ROUTER_HOST",),
+    "SPARSITY_ROUTER_PORT": ("ROUTER_PORT",),
+    "SPARSITY_ROUTER_EVENTS_PATH": ("ROUTER_EVENTS_PATH", "EVENTS_PATH"),
+    "SPARSITY_ROUTER_SMALL_URLS": ("SMALL_URLS", "SMALL_URL"),
+    "SPARSITY_ROUTER_LARGE_URLS": ("LARGE_URLS", "LARGE_URL", "LARGE_BASE_URL"),
+    "SPARSITY_ROUTER_LARGE_MODEL": ("LARGE_MODEL",),
+    "SPARSITY_ROUTER_LARGE_API_KEY": ("LARGE_API_KEY",),
+    "SPARSITY_ROUTER_REDIS_URL": ("REDIS_URL",),
+    "SPARSITY_ROUTER_PROBE_URL": ("PROBE_URL",),
+    "SPARSITY_ROUTER_CALIBRATION_PATH": ("CALIBRATION_PATH",),
+    "SPARSITY_ROUTER_ANSWER_CALIBRATION_PATH": ("ANSWER_CALIBRATION_PATH",),
+}
+
+#: Old names :func:`env_value` has warned about in this process.
+_WARNED: set[str] = set()
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -44,6 +86,53 @@ _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def default_config_path() -> Path:
     """``config/default.yaml`` of this source tree (the embedded default configuration)."""
     return Path(__file__).resolve().parent.parent / "config" / "default.yaml"
+
+
+def resolve_config_path(
+    given: str | os.PathLike[str] | None, *, env: Mapping[str, str] | None = None
+) -> Path:
+    """The config file a command uses: ``given``, else ``$SPARSITY_ROUTER_CONFIG`` when set and
+    not empty, else the embedded :func:`default_config_path`."""
+    if given:
+        return Path(given)
+    named = (os.environ if env is None else env).get(CONFIG_ENV, "").strip()
+    return Path(named).expanduser() if named else default_config_path()
+
+
+def _lookup(name: str, env: Mapping[str, str], used: set[tuple[str, str]] | None) -> str | None:
+    """``env[name]``, or the value of its first deprecated alias that is set (noted in
+    ``used`` as ``(old, new)``)."""
+    found = env.get(name)
+    if found is not None:
+        return found
+    for old in DEPRECATED_ALIASES.get(name, ()):
+        value = env.get(old)
+        if value is not None:
+            if used is not None:
+                used.add((old, name))
+            return value
+    return None
+
+
+def _warn_deprecated(old: str, new: str) -> None:
+    logger.warning(
+        "environment variable %s is deprecated and will stop being read in the next release: "
+        "rename it to %s",
+        old,
+        new,
+    )
+
+
+def env_value(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The variable ``name`` (``os.environ`` by default), or its deprecated alias's value (see
+    :data:`DEPRECATED_ALIASES`; one WARNING per old name per process); None when unset."""
+    used: set[tuple[str, str]] = set()
+    value = _lookup(name, os.environ if env is None else env, used)
+    for old, new in used:
+        if old not in _WARNED:
+            _WARNED.add(old)
+            _warn_deprecated(old, new)
+    return value
 
 
 def load_settings(
@@ -97,7 +186,10 @@ def parse_settings(
             )
         )
     problems = _check_keys(source_name, root, ())
-    problems += _interpolate_nodes(source_name, root, (), env)
+    used: set[tuple[str, str]] = set()
+    problems += _interpolate_nodes(source_name, root, (), env, used)
+    for old, new in sorted(used):
+        _warn_deprecated(old, new)
     if problems:
         raise ConfigError(problems)
     if not isinstance(root, MappingNode):
@@ -121,10 +213,14 @@ def parse_settings(
 # -- interpolation ----------------------------------------------------------------------------
 
 
-def interpolate(value: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+def interpolate(
+    value: str, env: Mapping[str, str], *, aliases_used: set[tuple[str, str]] | None = None
+) -> tuple[str, list[str]]:
     """Expand ``${VAR}`` / ``${VAR:-default}`` in ``value``.
 
-    Returns the expanded string and the problems found (unset variables, malformed references).
+    An unset ``VAR`` with a set deprecated alias (:data:`DEPRECATED_ALIASES`) takes the alias's
+    value; ``aliases_used`` collects those ``(old, new)`` pairs. Returns the expanded string and
+    the problems found (unset variables, malformed references).
     """
     problems: list[str] = []
     out: list[str] = []
@@ -151,7 +247,7 @@ def interpolate(value: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
             i = j + len(ref)
             continue
         name, default = m.group(1), m.group(2)
-        found = env.get(name)
+        found = _lookup(name, env, aliases_used)
         if default is not None:
             out.append(found if found else default)
         elif found is not None:
@@ -166,7 +262,12 @@ def interpolate(value: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
 
 
 def _interpolate_nodes(
-    source: str, node: Node, path: Loc, env: Mapping[str, str], seen: set[int] | None = None
+    source: str,
+    node: Node,
+    path: Loc,
+    env: Mapping[str, str],
+    used: set[tuple[str, str]],
+    seen: set[int] | None = None,
 ) -> list[ConfigProblem]:
     seen = set() if seen is None else seen
     if id(node) in seen:  # an alias of a node already handled
@@ -175,14 +276,14 @@ def _interpolate_nodes(
     problems: list[ConfigProblem] = []
     if isinstance(node, ScalarNode):
         if node.tag == _STR_TAG and "${" in node.value:
-            node.value, errors = interpolate(node.value, env)
+            node.value, errors = interpolate(node.value, env, aliases_used=used)
             problems += [ConfigProblem(source, _line(node), e, format_loc(path)) for e in errors]
     elif isinstance(node, MappingNode):
         for key, value in node.value:
-            problems += _interpolate_nodes(source, value, (*path, _key_text(key)), env, seen)
+            problems += _interpolate_nodes(source, value, (*path, _key_text(key)), env, used, seen)
     elif isinstance(node, SequenceNode):
         for i, item in enumerate(node.value):
-            problems += _interpolate_nodes(source, item, (*path, i), env, seen)
+            problems += _interpolate_nodes(source, item, (*path, i), env, used, seen)
     return problems
 
 

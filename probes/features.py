@@ -11,15 +11,16 @@ by a hash of the exact rendered prompt, so a re-run, or a run on an overlapping 
 probes what is new. Chunks are written as they finish, so an interrupted run resumes.
 
 Feature names look like ``L10.top10_energy.last`` or ``L28.top1_energy.mean``
-(:mod:`probes.feature_names`, re-exported here); :func:`feature_value` reads one from a
+(:mod:`probes.feature_names`); :func:`~probes.feature_names.feature_value` reads one from a
 :class:`~probes.types.ProbeResult`, which is how a fitted model is applied to a live request.
 The table itself, :class:`~probes.feature_table.FeatureTable`, needs no torch.
 
-With ``state_layers``, the table also holds the probe's pooled hidden vectors at those layers
-(last token and token mean, the probe's own representation of the prompt); one coordinate is the
-feature ``L30.state.last.17`` (:func:`state_feature`), a whole block ``L30.state.last``
-(:func:`expand_features` spells it out for a model of known width). They are cached beside the
-metrics, per layer, so a run asking for new layers probes only what is missing.
+With ``state_layers``, the table also holds the probe's pooled hidden vectors at those layers (last
+token and token mean, the probe's own representation of the prompt); one coordinate is the feature
+``L30.state.last.17`` (:func:`~probes.feature_names.state_feature`), a whole block
+``L30.state.last`` (:func:`~probes.feature_names.expand_features` spells it out for a model of known
+width). They are cached beside the metrics, per layer, so a run asking for new layers probes only
+what is missing.
 """
 
 from __future__ import annotations
@@ -39,16 +40,8 @@ from numpy.typing import NDArray
 from probes.cache import eval_cache_dir
 from probes.feature_names import (
     POSITIONS,
-    STATE,
-    expand_features,
     feature_name,
-    feature_value,
-    is_state_feature,
-    parse_feature,
-    parse_state_block,
-    parse_state_feature,
     state_block,
-    state_feature,
 )
 from probes.feature_table import FeatureTable
 from probes.metric_names import HIGHER_IS_SPARSER
@@ -57,25 +50,7 @@ from probes.pooling import mean_weights, pooled_states
 from probes.probe import SparsityProbe
 from probes.types import ProbeInput
 
-__all__ = [
-    # the grammar (probes.feature_names) and the table (probes.feature_table) are re-exported;
-    # import them from there
-    "FEATURES_FORMAT",
-    "POSITIONS",
-    "STATE",
-    "FeatureTable",
-    "default_cache_dir",
-    "expand_features",
-    "extract",
-    "feature_name",
-    "feature_value",
-    "is_state_feature",
-    "parse_feature",
-    "parse_state_block",
-    "parse_state_feature",
-    "state_block",
-    "state_feature",
-]
+__all__ = ["FEATURES_FORMAT", "default_cache_dir", "extract"]
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ effective rank 1, Hoyer 0, Gini 0, outlier fraction 1).
 
 :func:`sparsity` turns a value into the shared orientation "higher = sparser" (``1 − value`` for
 the two "lower" metrics), which is what probe scores use. The names, directions and
-:func:`sparsity` live in the torch-free :mod:`probes.metric_names` and are re-exported here.
+:func:`sparsity` live in the torch-free :mod:`probes.metric_names`.
 """
 
 from __future__ import annotations
@@ -33,18 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
-from probes.metric_names import HIGHER_IS_SPARSER, METRIC_DESCRIPTIONS, METRIC_NAMES, sparsity
+from probes.metric_names import HIGHER_IS_SPARSER, METRIC_DESCRIPTIONS, METRIC_NAMES
 
 __all__ = [
     "METRICS",
-    "METRIC_NAMES",
     "Metric",
     "compute_all",
     "effective_rank",
     "gini",
     "hoyer",
     "outlier_frac",
-    "sparsity",
     "top_k_energy",
 ]
 

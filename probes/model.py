@@ -18,7 +18,7 @@ The cache directory is ``$SPARSITY_ROUTER_CACHE`` or ``~/.cache/sparsity-router`
 (:mod:`probes.cache`). Conversions are atomic: a folder is built under a temporary name, marked
 complete, then renamed into place while a file lock is held, so racing processes or a crash mid-way
 never leave a half-written model behind. The bundled models and :data:`DEFAULT_MODEL` are listed
-in the torch-free :mod:`probes.catalog` and re-exported here.
+in the torch-free :mod:`probes.catalog`.
 """
 
 from __future__ import annotations
@@ -37,15 +37,11 @@ from typing import Any
 import torch
 
 from probes.cache import COMPLETE_MARKER, cache_dir, file_lock
-from probes.catalog import BUNDLED_MODELS, BUNDLED_PREFIX, DEFAULT_MODEL, BundledModel
+from probes.catalog import BUNDLED_MODELS, BUNDLED_PREFIX, DEFAULT_MODEL
 from probes.errors import ModelLoadError
 
 __all__ = [
-    "BUNDLED_MODELS",
-    "DEFAULT_MODEL",
-    "BundledModel",
     "LoadedModel",
-    "cache_dir",
     "convert_gguf",
     "load_model",
     "load_tokenizer",

@@ -13,7 +13,7 @@ final norm. Negative indices count from the end.
 
 The values that cross rooms (:class:`~probes.types.ProbeSettings`,
 :class:`~probes.types.ProbeResult`, :data:`~probes.types.ProbeInput`, :func:`probe_fingerprint`)
-live in the torch-free :mod:`probes.types` and are re-exported here; import them from there.
+live in the torch-free :mod:`probes.types`.
 """
 
 from __future__ import annotations
@@ -36,28 +36,13 @@ from probes.metrics import compute_all
 from probes.model import LoadedModel, load_model
 from probes.pooling import mean_weights, pooled_states
 from probes.types import (
-    PROBE_VERSION,
-    Message,
-    Position,
     ProbeInput,
     ProbeResult,
     ProbeSettings,
     probe_fingerprint,
 )
 
-__all__ = [
-    # re-exported from the torch-free probes.types (import them from there)
-    "PROBE_VERSION",
-    "Message",
-    "Position",
-    "ProbeAbandoned",
-    "ProbeInput",
-    "ProbeResult",
-    "ProbeSettings",
-    "SparsityProbe",
-    "pooled_states",
-    "probe_fingerprint",
-]
+__all__ = ["ProbeAbandoned", "SparsityProbe"]
 
 logger = logging.getLogger(__name__)
 

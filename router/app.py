@@ -15,6 +15,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -34,8 +35,12 @@ from router.routes import admin
 from router.routes.feedback import FeedbackEndpoint
 from router.routes.openai import CompletionsEndpoint, RouteEndpoint
 from router.routes.reload import reload_app, reload_endpoint
-from router.state import build_state
+from router.state import GatewayState, build_state
+from router.tracing import build_tracing
 from router.wire import envelope
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -144,15 +149,32 @@ def _install_sighup(app: Starlette) -> bool:
     return True
 
 
+def _build_state(
+    settings: Settings, probe: SparsityProbe | None, span_exporter: SpanExporter | None
+) -> GatewayState:
+    """The gateway's state with its tracer (router/tracing.py), which it shuts down on close."""
+    tracing = build_tracing(settings.tracing, span_exporter=span_exporter)
+    try:
+        state = build_state(settings, probe=probe)
+    except BaseException:
+        tracing.shutdown()
+        raise
+    state.tracing = tracing
+    return state
+
+
 def create_app(
     settings: Settings,
     *,
     probe: SparsityProbe | None = None,
     config_path: str | Path | None = None,
     freeze_gc: bool = False,
+    span_exporter: SpanExporter | None = None,
 ) -> GatewayApp:
     """Build the gateway. ``probe`` lets a caller share an already loaded probe (tests, CLI);
-    ``config_path`` is the file ``SIGHUP`` and ``POST /admin/reload`` re-read.
+    ``config_path`` is the file ``SIGHUP`` and ``POST /admin/reload`` re-read;
+    ``span_exporter`` (an OpenTelemetry ``SpanExporter``) receives every span as it ends in
+    place of the configured exporter when ``tracing.enabled`` (tests: ``InMemorySpanExporter``).
 
     ``freeze_gc`` (for the process that owns the gateway: ``run_server``, the benchmarks): once
     started, collect and then ``gc.freeze()`` everything loaded so far, so that the cyclic
@@ -163,7 +185,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state = await anyio.to_thread.run_sync(lambda: build_state(settings, probe=probe))
+        state = await anyio.to_thread.run_sync(lambda: _build_state(settings, probe, span_exporter))
         app.state.gateway = state
         app.state.config_path = Path(config_path) if config_path is not None else None
         app.state.reload_lock = anyio.Lock()
@@ -190,9 +212,15 @@ def create_app(
             await app.state.gateway.aclose()
 
     chat, completions = CompletionsEndpoint("chat/completions"), CompletionsEndpoint("completions")
+    more = {  # the same path: auth, limits, probe (not for embeddings), fallbacks, events
+        "responses": CompletionsEndpoint("responses"),
+        "messages": CompletionsEndpoint("messages"),
+        "embeddings": CompletionsEndpoint("embeddings"),
+    }
     routes = [
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        *(Route(f"/v1/{name}", endpoint, methods=["POST"]) for name, endpoint in more.items()),
         Route("/v1/route", RouteEndpoint(), methods=["POST"]),
         Route("/v1/feedback", FeedbackEndpoint(), methods=["POST"]),
         Route("/v1/models", admin.models, methods=["GET"]),
@@ -208,4 +236,6 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_exception, Exception: _server_error},
     )
-    return GatewayApp(app, {"/v1/chat/completions": chat, "/v1/completions": completions})
+    hot: dict[str, ASGIApp] = {"/v1/chat/completions": chat, "/v1/completions": completions}
+    hot.update((f"/v1/{name}", endpoint) for name, endpoint in more.items())
+    return GatewayApp(app, hot)

@@ -3,13 +3,21 @@
 Reading a request (:func:`read_body`, :class:`Disconnected` when the client goes away first),
 answering one (:func:`send_json`, :func:`send_error`; :class:`SentTracker` remembers what went
 out), and cancelling work when the client disconnects (:class:`DisconnectWatcher`).
+
+Request ids: :func:`request_id_of` takes the client's ``x-request-id`` (or
+``x-router-request-id``) when it is sane (1 to 200 printable ASCII characters), else makes one;
+answers carry it in both headers (:func:`request_id_headers`). Headers decided before the answer
+(the rate limit's) wait in the scope (:func:`add_response_headers`) until a :class:`SentTracker`
+made with that scope starts the response.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Final
 
 from router.errors import HTTPError, PayloadTooLarge, RequestTimeout, UpstreamStatus
 
@@ -21,7 +29,10 @@ __all__ = [
     "Scope",
     "Send",
     "SentTracker",
+    "add_response_headers",
     "read_body",
+    "request_id_headers",
+    "request_id_of",
     "send_error",
     "send_json",
 ]
@@ -30,6 +41,40 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+#: Where :func:`add_response_headers` leaves headers in the ASGI scope.
+_RESPONSE_HEADERS: Final = "sparsity_router.response_headers"
+
+#: A client's request id we adopt: printable ASCII, no more than 200 characters.
+_SANE_ID: Final = re.compile(rb"[\x21-\x7e][\x20-\x7e]{0,199}")
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's ``x-request-id`` (else ``x-router-request-id``) when sane, stripped of
+    surrounding spaces; otherwise a new random id (32 hex digits)."""
+    found: dict[bytes, bytes] = {}
+    for key, value in scope.get("headers", ()):
+        if key in (b"x-request-id", b"x-router-request-id") and key not in found:
+            found[key] = bytes(value).strip()
+    for name in (b"x-request-id", b"x-router-request-id"):
+        value = found.get(name)
+        if value is not None and _SANE_ID.fullmatch(value):
+            return value.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def request_id_headers(request_id: str) -> list[tuple[bytes, bytes]]:
+    """``x-request-id`` and ``x-router-request-id``, both naming ``request_id``."""
+    value = request_id.encode()
+    return [(b"x-request-id", value), (b"x-router-request-id", value)]
+
+
+def add_response_headers(scope: Scope, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Headers for the answer to this request, added by a :class:`SentTracker` made with
+    ``scope`` when the response starts (unless the answer sets the same names itself)."""
+    headers = list(headers)
+    if headers:
+        scope.setdefault(_RESPONSE_HEADERS, []).extend(headers)
 
 
 async def send_json(
@@ -53,11 +98,12 @@ async def send_json(
 async def send_error(send: Send, exc: HTTPError, request_id: str | None = None) -> None:
     """An error answer: the error envelope, or an upstream's own error status and body.
 
-    With ``request_id`` the answer carries ``x-router-request-id`` and the envelope names it
-    where the message is generic (:meth:`~router.errors.HTTPError.client_message`)."""
+    With ``request_id`` the answer carries ``x-request-id`` and ``x-router-request-id`` and the
+    envelope names it where the message is generic
+    (:meth:`~router.errors.HTTPError.client_message`)."""
     headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
     if request_id:
-        headers.append((b"x-router-request-id", request_id.encode()))
+        headers += request_id_headers(request_id)
     if isinstance(exc, UpstreamStatus):
         await send(
             {
@@ -121,18 +167,27 @@ class SentTracker:
     and how its body ends (:attr:`stream_done`: a stream's closing ``data: [DONE]`` is out).
 
     State changes after the wrapped ``send`` returns, so a send cut short by a cancellation
-    does not count.
+    does not count. With ``scope``, the response starts with the headers
+    :func:`add_response_headers` left there too.
     """
 
-    __slots__ = ("_send", "complete", "started", "tail")
+    __slots__ = ("_scope", "_send", "complete", "started", "tail")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, scope: Scope | None = None) -> None:
         self._send = send
+        self._scope = scope
         self.started = False
         self.complete = False
         self.tail = b""  # the last bytes of the body sent so far
 
     async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and self._scope is not None:
+            extra = self._scope.get(_RESPONSE_HEADERS)
+            if extra:
+                headers = list(message.get("headers", ()))
+                names = {bytes(k).lower() for k, _ in headers}
+                headers += [(k, v) for k, v in extra if k not in names]
+                message = {**message, "headers": headers}
         await self._send(message)
         if message["type"] == "http.response.start":
             self.started = True

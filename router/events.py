@@ -24,7 +24,7 @@ event of a batch so that a batch can gather) and hands their records to the sink
 - :class:`JSONLSink`: one JSON object per line, appended;
 - :class:`RedisStreamSink`: ``XADD stream MAXLEN ~ max_len * kind <kind> data <json>``.
 
-A full queue or a failing sink drops records: they are counted in ``router_events_dropped``
+A full queue or a failing sink drops records: they are counted in ``sparsity_router_events_dropped``
 (by reason) and logged once per outage, never raised into a request. ``close()`` drains the
 queue, so nothing is lost on a clean shutdown.
 """

@@ -1,7 +1,11 @@
 """The door of every route: check the key's scope, then the caller's rate limit.
 
-``await admit(state, scope, "client")`` returns the :class:`~router.auth.Caller` or raises the
-401/403/429 :class:`~router.errors.HTTPError` the route renders as an OpenAI error envelope.
+The key comes in ``authorization: Bearer KEY`` or, when that header is absent, in
+``x-api-key: KEY`` (the ``anthropic`` SDK's header). ``await admit(state, scope, "client")``
+returns the :class:`~router.auth.Caller` or raises the 401/403/429
+:class:`~router.errors.HTTPError` the route renders as an OpenAI error envelope.
+When a rate limit applies, the caller's ``x-ratelimit-*-requests`` headers go on the 429 and are
+left in the scope (:func:`router.asgi.add_response_headers`) for the answer.
 
 With authentication off, an ``admin`` route answers only local clients: the peer address, as
 uvicorn reports it, is 127.0.0.1 or ::1 (what a tool on the gateway's host connects from; behind
@@ -16,6 +20,7 @@ import math
 from collections.abc import MutableMapping
 from typing import Any
 
+from router.asgi import add_response_headers
 from router.auth import Caller
 from router.auth import Scope as KeyScope
 from router.errors import Forbidden, RateLimited
@@ -55,6 +60,15 @@ def _header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
     return None
 
 
+def _credentials(scope: MutableMapping[str, Any]) -> bytes | None:
+    """The ``authorization`` header, or an ``x-api-key`` (what the ``anthropic`` SDK sends)
+    as a bearer token when there is none."""
+    header = _header(scope, b"authorization")
+    if header is None and (key := _header(scope, b"x-api-key")) is not None:
+        return b"Bearer " + key
+    return header
+
+
 async def admit(state: GatewayState, scope: MutableMapping[str, Any], needs: KeyScope) -> Caller:
     """The caller of a route that needs a ``needs``-scoped key (see the module docstring)."""
     if needs == "admin" and not state.keys.enabled and not is_local_client(scope):
@@ -64,10 +78,12 @@ async def admit(state: GatewayState, scope: MutableMapping[str, Any], needs: Key
             "from elsewhere",
             code="loopback_only",
         )
-    caller = state.caller(_header(scope, b"authorization"), needs, client_address(scope))
+    caller = state.caller(_credentials(scope), needs, client_address(scope))
     limiter = state.rate_limiter
     if limiter is not None:
         admission = await limiter.acquire(caller.name)
+        limit_headers = admission.headers()
+        add_response_headers(scope, limit_headers)
         if not admission.allowed:
             # Key names are bounded by the config; client addresses are not, so they share a label.
             state.metrics.rate_limited.labels(
@@ -80,6 +96,9 @@ async def admit(state: GatewayState, scope: MutableMapping[str, Any], needs: Key
                 f"rate limit reached for {caller.name}: {rate:g} requests/s "
                 f"(auth.rate_limit); retry after {wait} s",
                 code="rate_limit_exceeded",
-                headers={"retry-after": str(wait)},
+                headers={
+                    "retry-after": str(wait),
+                    **{k.decode(): v.decode() for k, v in limit_headers},
+                },
             )
     return caller

@@ -10,7 +10,7 @@ from router.probing import ProbeOutcome
 
 __all__ = ["BREAKER_STATES", "GatewayMetrics"]
 
-#: ``router_breaker_state``'s value for each breaker state.
+#: ``sparsity_router_breaker_state``'s value for each breaker state.
 BREAKER_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 _LATENCY_BUCKETS = (
@@ -54,6 +54,7 @@ class GatewayMetrics:
     upstream_failures: Counter
     breaker_state: Gauge
     breaker_opens: Counter
+    capability_fallbacks: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -61,13 +62,13 @@ class GatewayMetrics:
         return cls(
             registry=r,
             requests=Counter(
-                "router_requests",
+                "sparsity_router_requests",
                 "Requests answered, by backend, rule and HTTP status",
                 ["backend", "rule", "status"],
                 registry=r,
             ),
             probe_seconds=Histogram(
-                "router_probe_seconds",
+                "sparsity_router_probe_seconds",
                 "Time to a probe result, by where it came from: hit, miss, shared (waited for an "
                 "identical request's lookup or pass), off (no cache)",
                 ["cache"],
@@ -75,13 +76,13 @@ class GatewayMetrics:
                 registry=r,
             ),
             probe_errors=Counter(
-                "router_probe_errors",
+                "sparsity_router_probe_errors",
                 "Probe failures that sent a request to on_probe_error",
                 ["reason"],
                 registry=r,
             ),
             probe_cache=Counter(
-                "router_probe_cache",
+                "sparsity_router_probe_cache",
                 "Probe results by where they came from: hit (the cache), miss (a probe pass), "
                 "shared (an identical concurrent request's lookup or pass: single flight), off "
                 "(no cache configured)",
@@ -89,27 +90,27 @@ class GatewayMetrics:
                 registry=r,
             ),
             upstream_seconds=Histogram(
-                "router_upstream_seconds",
+                "sparsity_router_upstream_seconds",
                 "Upstream time until the answer was committed (non-streaming: whole body)",
                 ["backend"],
                 buckets=_LATENCY_BUCKETS,
                 registry=r,
             ),
             ttft_seconds=Histogram(
-                "router_time_to_first_token_seconds",
+                "sparsity_router_time_to_first_token_seconds",
                 "Streaming: time from request to the first upstream chunk",
                 ["backend"],
                 buckets=_LATENCY_BUCKETS,
                 registry=r,
             ),
             fallbacks=Counter(
-                "router_fallbacks",
+                "sparsity_router_fallbacks",
                 "Requests answered by a fallback after a backend failed",
                 ["failed", "answered"],
                 registry=r,
             ),
             cache_lookups=Counter(
-                "router_cache_lookups",
+                "sparsity_router_cache_lookups",
                 "Probe-cache lookups per tier (memory, redis) and result: hit, miss, invalid "
                 "(a foreign or corrupt value), error (Redis failed or timed out), skipped "
                 "(Redis down, waiting before the next try)",
@@ -117,44 +118,47 @@ class GatewayMetrics:
                 registry=r,
             ),
             rate_limited=Counter(
-                "router_rate_limited", "Requests refused with a 429", ["caller"], registry=r
+                "sparsity_router_rate_limited",
+                "Requests refused with a 429",
+                ["caller"],
+                registry=r,
             ),
             rate_limit_redis_errors=Counter(
-                "router_rate_limit_redis_errors",
+                "sparsity_router_rate_limit_redis_errors",
                 "Rate-limit Redis calls that failed (the request was limited in memory)",
                 registry=r,
             ),
             config_reloads=Counter(
-                "router_config_reloads",
+                "sparsity_router_config_reloads",
                 "Configuration reloads (SIGHUP, POST /admin/reload), by result",
                 ["result"],
                 registry=r,
             ),
             events_written=Counter(
-                "router_events_written", "Event records written to the sink", registry=r
+                "sparsity_router_events_written", "Event records written to the sink", registry=r
             ),
             events_dropped=Counter(
-                "router_events_dropped",
+                "sparsity_router_events_dropped",
                 "Event records dropped: queue_full (the writer fell behind) or sink_error",
                 ["reason"],
                 registry=r,
             ),
             cascades=Counter(
-                "router_cascades",
+                "sparsity_router_cascades",
                 "Answers a policy's cascade checked, by verdict: kept, escalated, skipped "
                 "(not one plain text), escalation_failed (the first answer was returned)",
                 ["verdict"],
                 registry=r,
             ),
             upstream_retries=Counter(
-                "router_upstream_retries",
+                "sparsity_router_upstream_retries",
                 "Upstream attempts that followed a failed one on the same backend, by the "
                 "failure: an HTTP status (429, 503, ...), connect, timeout or error",
                 ["backend", "reason"],
                 registry=r,
             ),
             upstream_failures=Counter(
-                "router_upstream_failures",
+                "sparsity_router_upstream_failures",
                 "Failed upstream attempts before the first byte (retried or not), by reason: "
                 "an HTTP status in retry_on, connect, timeout, error, or breaker_open (every "
                 "replica skipped)",
@@ -162,17 +166,25 @@ class GatewayMetrics:
                 registry=r,
             ),
             breaker_state=Gauge(
-                "router_breaker_state",
+                "sparsity_router_breaker_state",
                 "Circuit breaker of each upstream replica: 0 closed, 1 half-open (one trial "
                 "request), 2 open (skipped)",
                 ["backend", "replica"],
                 registry=r,
             ),
             breaker_opens=Counter(
-                "router_breaker_opens",
+                "sparsity_router_breaker_opens",
                 "Times a replica's circuit breaker opened (consecutive failures, or a failed "
                 "half-open trial)",
                 ["backend", "replica"],
+                registry=r,
+            ),
+            capability_fallbacks=Counter(
+                "sparsity_router_capability_fallbacks",
+                "Requests passed over the chosen backend because it lacks a capability they "
+                "need (tools, vision, json), by that backend, the capability and the backend "
+                "chosen instead",
+                ["backend", "capability", "answered"],
                 registry=r,
             ),
         )

@@ -1,8 +1,10 @@
 """The gateway's OpenAPI 3.1 document, served at ``GET /openapi.json``.
 
 Written by hand, and as lenient as the gateway: a request schema names only the fields routing
-reads (``model``, ``messages`` / ``prompt``, ``stream``, ``user``, ``metadata``) and allows any
-other field, because the body is forwarded to the backend unchanged.
+reads (``model``, ``messages`` / ``prompt`` / ``input`` / ``system`` / ``instructions``,
+``stream``, ``user``, ``metadata``) and allows any other field, because the body is forwarded to
+the backend unchanged (docs/api.md). ``/v1/messages`` errors carry Anthropic's
+``{"type": "error", "error": {...}}``, whose ``error`` has the same keys as OpenAI's.
 
 With authentication on, the document is served to client (and admin) keys only
 (docs/security.md).
@@ -68,6 +70,52 @@ _COMPLETION = {
     "properties": {
         **_COMMON,
         "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+    },
+    "additionalProperties": True,
+}
+
+
+_RESPONSES = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        **_COMMON,
+        "instructions": {"type": ["string", "null"]},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]},
+    },
+    "additionalProperties": True,
+}
+
+_BLOCKS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
+
+_MESSAGES = {
+    "type": "object",
+    "required": ["model", "messages", "max_tokens"],
+    "properties": {
+        "model": _COMMON["model"],
+        "stream": _COMMON["stream"],
+        "max_tokens": {"type": "integer"},
+        "system": _BLOCKS,
+        "metadata": {"type": "object"},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"enum": ["user", "assistant"]}, "content": _BLOCKS},
+            },
+        },
+    },
+    "additionalProperties": True,
+}
+
+_EMBEDDINGS = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1, "description": "a model a backend lists"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array"}]},
     },
     "additionalProperties": True,
 }
@@ -198,6 +246,20 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": _post("Chat completion, routed", "ChatRequest", stream=True),
             "/v1/completions": _post("Text completion, routed", "CompletionRequest", stream=True),
+            "/v1/responses": _post(
+                "OpenAI Responses, routed (instructions + input probed)",
+                "ResponsesRequest",
+                stream=True,
+            ),
+            "/v1/messages": _post(
+                "Anthropic Messages, routed (system + messages probed); translated to chat for "
+                "OpenAI backends; errors in Anthropic's shape (error.type, error.message)",
+                "MessagesRequest",
+                stream=True,
+            ),
+            "/v1/embeddings": _post(
+                "Embeddings, by model name (never probed)", "EmbeddingsRequest", stream=False
+            ),
             "/v1/route": _post(
                 "The routing decision, without dispatch", "ChatRequest", stream=False
             ),
@@ -220,7 +282,14 @@ def openapi_document() -> dict[str, Any]:
             **_escalation_paths(),
         },
         "components": {
-            "schemas": {"Error": _ERROR, "ChatRequest": _CHAT, "CompletionRequest": _COMPLETION},
+            "schemas": {
+                "Error": _ERROR,
+                "ChatRequest": _CHAT,
+                "CompletionRequest": _COMPLETION,
+                "ResponsesRequest": _RESPONSES,
+                "MessagesRequest": _MESSAGES,
+                "EmbeddingsRequest": _EMBEDDINGS,
+            },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -1,7 +1,10 @@
 """Per-key request rate limits: a token bucket per caller, in memory or in Redis.
 
 A bucket holds up to ``burst`` tokens and refills at ``requests_per_s``; a request takes one
-token or is refused with the time until one is back (the ``retry-after`` of the 429).
+token or is refused with the time until one is back (the ``retry-after`` of the 429). Every
+:class:`Admission` also says what is left, for OpenAI's ``x-ratelimit-*-requests`` headers
+(:meth:`Admission.headers`): the limit is the burst, the remaining count the whole tokens left,
+and the reset the time until the bucket is full again.
 
 :class:`RedisRateLimiter` keeps the buckets in Redis (one hash per caller, updated atomically
 by a Lua script) so that every gateway replica shares them. A Redis error never fails a
@@ -27,6 +30,7 @@ __all__ = [
     "RateLimiter",
     "RedisRateLimiter",
     "build_rate_limiter",
+    "format_duration",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,8 +38,48 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Admission:
+    """One request's turn at its caller's bucket."""
+
     allowed: bool
     retry_after_s: float = 0.0
+    limit: int | None = None  # the bucket's size (burst); None: unknown
+    remaining: int = 0  # whole tokens left after this request
+    reset_s: float = 0.0  # until the bucket is full again
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``x-ratelimit-limit-requests``, ``-remaining-requests``, ``-reset-requests`` (OpenAI's
+        names; the reset as a duration such as ``250ms``, ``1.5s``, ``2m0s``); none when the
+        limit is unknown."""
+        if self.limit is None:
+            return []
+        return [
+            (b"x-ratelimit-limit-requests", str(self.limit).encode()),
+            (b"x-ratelimit-remaining-requests", str(max(0, self.remaining)).encode()),
+            (b"x-ratelimit-reset-requests", format_duration(self.reset_s).encode()),
+        ]
+
+
+def format_duration(seconds: float) -> str:
+    """A duration the way OpenAI's rate-limit headers write it: ``0s``, ``250ms``, ``1.5s``,
+    ``2m0s``."""
+    seconds = max(0.0, seconds)
+    if seconds < 1.0:
+        ms = math.ceil(seconds * 1000)
+        return f"{ms}ms" if ms else "0s"
+    if seconds < 60.0:
+        return f"{math.ceil(seconds * 1000) / 1000:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def _admission(allowed: bool, wait: float, tokens: float, burst: float, rate: float) -> Admission:
+    return Admission(
+        allowed,
+        wait,
+        limit=math.floor(burst),
+        remaining=math.floor(tokens),
+        reset_s=max(0.0, burst - tokens) / rate,
+    )
 
 
 class RateLimiter(Protocol):
@@ -66,10 +110,10 @@ class MemoryRateLimiter:
         tokens, stamp = self._buckets.pop(caller, (burst, now))
         tokens = min(burst, tokens + (now - stamp) * rate)
         if tokens >= 1.0:
-            admission = Admission(True)
             tokens -= 1.0
+            admission = _admission(True, 0.0, tokens, burst, rate)
         else:
-            admission = Admission(False, (1.0 - tokens) / rate)
+            admission = _admission(False, (1.0 - tokens) / rate, tokens, burst, rate)
         self._buckets[caller] = (tokens, now)
         if len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
@@ -102,7 +146,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {allowed, tostring(wait)}
+return {allowed, tostring(wait), tostring(tokens)}
 """
 
 
@@ -138,7 +182,7 @@ class RedisRateLimiter:
     async def acquire(self, caller: str) -> Admission:
         rate = self.settings.per_key.get(caller, self.settings.requests_per_s)
         try:
-            allowed, wait = await self._script(
+            allowed, wait, tokens = await self._script(
                 keys=[self._prefix + caller], args=[rate, self.settings.burst, self._ttl_ms]
             )
         except Exception as exc:  # any Redis failure: limit in memory instead
@@ -155,7 +199,8 @@ class RedisRateLimiter:
         if self._failing:
             self._failing = False
             logger.info("rate limiting is back on Redis")
-        return Admission(bool(int(allowed)), float(wait))
+        burst = float(self.settings.burst)
+        return _admission(bool(int(allowed)), float(wait), float(tokens), burst, rate)
 
     async def aclose(self) -> None:
         await self._client.aclose()

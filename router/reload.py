@@ -4,7 +4,7 @@ What a reload changes without a restart: policies and their rules, virtual model
 scopes, rate limits). Backends, probe, calibration and cache hold connections or a loaded model;
 a file that changes them is refused with a message asking for a restart. A file that does not
 load (syntax, schema, cross-checks) is refused too: the previous configuration keeps serving,
-the error is logged with the YAML path and counted in ``router_config_reloads{result}``.
+the error is logged with the YAML path and counted in ``sparsity_router_config_reloads{result}``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["ReloadOutcome", "reload_state"]
 
 logger = logging.getLogger(__name__)
 
-_NEEDS_RESTART = ("backends", "probe", "calibration", "cache", "events", "escalation")
+_NEEDS_RESTART = ("backends", "probe", "calibration", "cache", "events", "escalation", "tracing")
 
 
 @dataclass(frozen=True, slots=True)

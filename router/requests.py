@@ -21,6 +21,16 @@ as vLLM's ``video_url``) and unknown fields pass through. :attr:`ParsedRequest.h
 whether the request holds any readable text (a non-blank string content, ``text`` part or
 prompt); a request without (only images or audio, a blank prompt) is routed by the policy's
 ``on_no_text`` action, never probed (docs/routing.md).
+
+The request's shape, read once here for rule conditions and capabilities (docs/routing.md,
+"Capabilities"): ``has_tools`` (a non-empty ``tools`` or ``functions`` array), ``has_images``
+(an ``image_url``, ``input_image`` or Anthropic ``image`` part), ``response_format`` (its
+``type``, a Responses body's ``text.format.type``; ``text`` when absent), ``n_messages`` (the
+``messages``, or a Responses body's ``input`` items; 0 for a ``/v1/completions`` prompt), and
+:attr:`ParsedRequest.needs`, each capability the request needs (``tools``, ``vision``, ``json``
+for a format other than ``text``) -> the field that needs it. ``tools``/``functions`` that are
+not arrays and a ``response_format`` that is not an object with a string ``type`` are 422s.
+Embeddings have no shape.
 """
 
 from __future__ import annotations
@@ -28,10 +38,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from probes.types import ProbeInput
+from router.api_inputs import embeddings_input, messages_input, responses_input
 from router.backends.base import Endpoint
 from router.errors import BadRequest, Unprocessable
 
@@ -44,6 +56,9 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: Roles whose message may carry null content, and (for assistant) the fields that stand in.
 _NULL_CONTENT_ROLES = frozenset({"function"})
 _ASSISTANT_PAYLOAD = ("tool_calls", "function_call", "audio", "refusal")
+#: Content part types holding an image.
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})  # image: Anthropic messages
+_NO_NEEDS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +73,13 @@ class ParsedRequest:
     user: str | None
     metadata: Mapping[str, str]
     has_text: bool = True  # False: nothing the probe could read (images, audio, blank text)
+    has_tools: bool = False  # a non-empty ``tools`` or ``functions``
+    has_images: bool = False  # an ``image_url`` or ``input_image`` part
+    response_format: str = "text"  # response_format.type
+    n_messages: int = 0  # chat messages (0: a /v1/completions prompt)
+    #: capability (tools, vision, json) -> the field needing it (``tools``, a part's path,
+    #: ``response_format``)
+    needs: Mapping[str, str] = field(default_factory=lambda: _NO_NEEDS)
 
 
 def _load(raw: bytes) -> dict[str, Any]:
@@ -246,7 +268,8 @@ def _prompt(body: dict[str, Any]) -> str:
 
 
 def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
-    """Parse and check a completions body (see the module docstring); raises the 400/422."""
+    """Parse and check a request body (see the module docstring; responses, messages and
+    embeddings: :mod:`router.api_inputs`); raises the 400/422."""
     body = _load(raw)
     model = body.get("model")
     if model is None:
@@ -272,7 +295,120 @@ def parse_request(endpoint: Endpoint, raw: bytes) -> ParsedRequest:
     probe_input: ProbeInput
     if endpoint == "chat/completions":
         probe_input, has_text = _messages(body)
+    elif endpoint == "responses":
+        probe_input, has_text = responses_input(body)
+    elif endpoint == "messages":
+        probe_input, has_text = messages_input(body)
+    elif endpoint == "embeddings":
+        embeddings_input(body)
+        probe_input, has_text = "", False  # never probed: routed by model name
     else:
         probe_input = _prompt(body)
         has_text = bool(probe_input.strip())
-    return ParsedRequest(endpoint, body, model, stream, probe_input, user, metadata, has_text)
+    return ParsedRequest(
+        endpoint,
+        body,
+        model,
+        stream,
+        probe_input,
+        user,
+        metadata,
+        has_text,
+        **_shape(endpoint, body),
+    )
+
+
+def _tools_field(body: dict[str, Any]) -> str | None:
+    """``tools`` or ``functions`` when it is a non-empty array (422 when not an array)."""
+    found = None
+    for key in ("tools", "functions"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise Unprocessable(f"'{key}' must be an array, not {_kind(value)}", param=key)
+        if value and found is None:
+            found = key
+    return found
+
+
+def _turns(endpoint: Endpoint, body: dict[str, Any]) -> tuple[str, list[Any]] | None:
+    """The conversation's field and turns: ``messages`` (chat, messages), ``input``
+    (responses; a string is one turn); None for a prompt."""
+    if endpoint in ("chat/completions", "messages"):
+        messages = body.get("messages")
+        return ("messages", messages) if isinstance(messages, list) else None
+    if endpoint == "responses":
+        given = body.get("input")
+        if isinstance(given, str):
+            return "input", [given]
+        return ("input", given) if isinstance(given, list) else None
+    return None
+
+
+def _first_image(field: str, turns: list[Any]) -> str | None:
+    """The path of the first image part (``messages[i].content[j]``), or None."""
+    for i, m in enumerate(turns):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS:
+                return f"{field}[{i}].content[{j}]"
+    return None
+
+
+def _text_format(body: dict[str, Any]) -> str:
+    """A Responses body's ``text.format.type`` (``text`` when absent or unreadable: the
+    Responses parser owns that field's checks)."""
+    text = body.get("text")
+    form = text.get("format") if isinstance(text, dict) else None
+    kind = form.get("type") if isinstance(form, dict) else None
+    return kind if isinstance(kind, str) and kind else "text"
+
+
+def _response_format(body: dict[str, Any]) -> str:
+    """``response_format.type`` (``text`` when absent; 422 when malformed)."""
+    value = body.get("response_format")
+    if value is None:
+        return "text"
+    if not isinstance(value, dict):
+        raise Unprocessable(
+            f"'response_format' must be an object, not {_kind(value)}", param="response_format"
+        )
+    kind = value.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise Unprocessable(
+            "'response_format.type' must be a non-empty string ('text', 'json_object', "
+            f"'json_schema'), not {_kind(kind)}",
+            param="response_format.type",
+        )
+    return kind
+
+
+def _shape(endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+    """The shape fields of :class:`ParsedRequest` (after the conversation was validated).
+
+    Responses bodies: turns from ``input``, the format from ``text.format``; Anthropic
+    messages: ``image`` parts are images too."""
+    if endpoint == "embeddings":
+        return {}
+    tools = _tools_field(body)
+    turns = _turns(endpoint, body)
+    image = _first_image(*turns) if turns is not None else None
+    if endpoint == "responses":
+        response_format, format_field = _text_format(body), "text.format"
+    else:
+        response_format, format_field = _response_format(body), "response_format"
+    needs: dict[str, str] = {}
+    if tools is not None:
+        needs["tools"] = tools
+    if image is not None:
+        needs["vision"] = image
+    if response_format != "text":
+        needs["json"] = format_field
+    return {
+        "has_tools": tools is not None,
+        "has_images": image is not None,
+        "response_format": response_format,
+        "n_messages": len(turns[1]) if turns is not None else 0,
+        "needs": MappingProxyType(needs) if needs else _NO_NEEDS,
+    }

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import anyio.to_thread
 
 from policies.engine import PolicyEngine
+from policies.loader import env_value
 from policies.schema import HumanBackend as HumanBackendSettings
 from policies.schema import LocalBackend as LocalBackendSettings
 from policies.schema import OpenAIBackend as OpenAIBackendSettings
@@ -33,6 +33,7 @@ from router.probing import BatchingConfig, ProbeService
 from router.ratelimit import RateLimiter, build_rate_limiter
 from router.remote_probe import RemoteProbe
 from router.retry import RetryPolicy
+from router.tracing import DISABLED, Tracing
 
 __all__ = ["GatewayState", "build_state", "probe_needed"]
 
@@ -53,6 +54,7 @@ class GatewayState:
     events: EventLog | None = None
     escalations: EscalationService | None = None  # human backends: router/escalations
     answer_calibration: Calibration | None = None  # what policies' cascades read
+    tracing: Tracing = DISABLED  # router/tracing.py; set by the app's lifespan
 
     def authorized(self, header: bytes | None) -> bool:
         """Whether ``header`` carries a client-scoped (or admin) key; True with auth off."""
@@ -84,6 +86,11 @@ class GatewayState:
                 await backend.aclose()
             except Exception:
                 logger.exception("closing backend %s failed", backend.name)
+        if self.tracing.enabled:  # after the backends: their last spans are exported too
+            try:
+                await anyio.to_thread.run_sync(self.tracing.shutdown)
+            except Exception:
+                logger.exception("shutting the tracer down failed")
 
 
 def probe_needed(settings: Settings, engine: PolicyEngine) -> bool:
@@ -233,12 +240,13 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
     loaded_cache: dict[str, LoadedModel] = {}
     for name, spec in settings.backends.items():
         if isinstance(spec, OpenAIBackendSettings):
-            api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+            api_key = env_value(spec.api_key_env) if spec.api_key_env else None
             backends[name] = OpenAIBackend(
                 name,
                 list(spec.base_urls),
                 model=spec.model,
                 api_key=api_key,
+                api=spec.api,
                 models=spec.models,
                 connect_s=spec.timeouts.connect_s,
                 read_s=spec.timeouts.read_s,

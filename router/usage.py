@@ -30,17 +30,27 @@ class Usage:
 
 
 def _usage(obj: Any) -> Usage | None:
+    """Chat/completions ``usage`` (prompt/completion tokens), or the Responses and Anthropic
+    Messages shape (input/output tokens; a Responses stream carries it in
+    ``response.completed``'s ``response``)."""
     if not isinstance(obj, Mapping):
         return None
     usage = obj.get("usage")
+    if not isinstance(usage, Mapping) and isinstance(obj.get("response"), Mapping):
+        usage = obj["response"].get("usage")
     if not isinstance(usage, Mapping):
         return None
 
-    def count(name: str) -> int | None:
-        value = usage.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    def count(*names: str) -> int | None:
+        for name in names:
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
 
-    return Usage(count("prompt_tokens"), count("completion_tokens"))
+    return Usage(
+        count("prompt_tokens", "input_tokens"), count("completion_tokens", "output_tokens")
+    )
 
 
 def usage_of_body(body: bytes | None) -> Usage | None:

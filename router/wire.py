@@ -154,6 +154,15 @@ class TextCompletionChunk(TypedDict):
 Chunk = ChatCompletionChunk | TextCompletionChunk
 
 
+class _ChunkStamp(TypedDict):
+    """What the chunks of both endpoints share after ``id`` and ``object``."""
+
+    created: int
+    model: str
+    system_fingerprint: NotRequired[str]
+    usage: NotRequired[UsageObject | None]
+
+
 class ErrorDetail(TypedDict):
     message: str
     type: str
@@ -295,29 +304,17 @@ class StreamHead:
             return {**self._chat_head(), "choices": [], "usage": usage}
         return {**self._text_head(), "choices": [], "usage": usage}
 
-    def _chat_head(self) -> ChatCompletionChunk:
-        head: ChatCompletionChunk = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-        }
+    def _stamp(self) -> _ChunkStamp:
+        stamp: _ChunkStamp = {"created": self.created, "model": self.model}
         if self.system_fingerprint is not None:
-            head["system_fingerprint"] = self.system_fingerprint
-        return head
+            stamp["system_fingerprint"] = self.system_fingerprint
+        return stamp
+
+    def _chat_head(self) -> ChatCompletionChunk:
+        return {"id": self.id, "object": "chat.completion.chunk", **self._stamp(), "choices": []}
 
     def _text_head(self) -> TextCompletionChunk:
-        head: TextCompletionChunk = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-        }
-        if self.system_fingerprint is not None:
-            head["system_fingerprint"] = self.system_fingerprint
-        return head
+        return {"id": self.id, "object": "text_completion", **self._stamp(), "choices": []}
 
 
 def json_bytes(payload: Completion | Chunk | ErrorBody) -> bytes:

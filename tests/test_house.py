@@ -94,7 +94,11 @@ NEEDLES = ("../" + "shared", "/work/" + "shared", "/work/" + "main")
 
 def test_no_path_outside_the_repository() -> None:
     files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     offenders = []
     for rel in files:

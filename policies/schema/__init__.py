@@ -10,6 +10,7 @@ Every key, its type, default and meaning is documented on the models themselves
     virtual_models, policies     policies.schema.rules         (rules, conditions, cascades)
     experiments                  policies.schema.experiments
     escalation, events           policies.schema.escalation
+    tracing                      policies.schema.tracing
     the root                     policies.schema.settings      (Settings)
     cross-checks                 policies.schema.checks
     shared helpers               policies.schema.common        (Loc, SchemaProblems, format_loc)
@@ -26,9 +27,11 @@ the torch-free :mod:`probes.types`.
 from __future__ import annotations
 
 from policies.schema.backends import (
+    CAPABILITIES,
     Backend,
     Backoff,
     Breaker,
+    Capability,
     HumanBackend,
     LocalBackend,
     OpenAIBackend,
@@ -57,13 +60,16 @@ from policies.schema.rules import (
     MetricCondition,
     PercentileBand,
     Policy,
+    ResponseFormat,
     Rule,
     VirtualModel,
 )
 from policies.schema.server import ApiKey, AuthSettings, RateLimitSettings, ServerSettings
 from policies.schema.settings import Settings
+from policies.schema.tracing import TracingSettings
 
 __all__ = [
+    "CAPABILITIES",
     "Action",
     "ApiKey",
     "AuthSettings",
@@ -74,6 +80,7 @@ __all__ = [
     "Breaker",
     "CacheSettings",
     "CalibrationSettings",
+    "Capability",
     "Cascade",
     "CascadeCondition",
     "Condition",
@@ -94,11 +101,13 @@ __all__ = [
     "ProbeSection",
     "RateLimitSettings",
     "RedisCacheSettings",
+    "ResponseFormat",
     "Rule",
     "SchemaProblems",
     "ServerSettings",
     "Settings",
     "Timeouts",
+    "TracingSettings",
     "VirtualModel",
     "VllmProbeSettings",
     "WebhookSettings",

@@ -21,9 +21,11 @@ from policies.schema.common import (
 )
 
 __all__ = [
+    "CAPABILITIES",
     "Backend",
     "Backoff",
     "Breaker",
+    "Capability",
     "HumanBackend",
     "LocalBackend",
     "OpenAIBackend",
@@ -32,6 +34,24 @@ __all__ = [
 ]
 
 _FALLBACK = "backends that answer, in order, when this one fails or times out"
+
+#: What a request may need of a backend: ``tools`` (a non-empty ``tools`` or ``functions``),
+#: ``vision`` (an ``image_url`` or ``input_image`` part), ``json`` (``response_format`` of type
+#: ``json_object`` or ``json_schema``).
+Capability = Literal["tools", "vision", "json"]
+CAPABILITIES: tuple[Capability, ...] = ("tools", "vision", "json")
+_CAPABILITIES = (
+    "what the backend can serve, of tools, vision and json; a request needing one it lacks "
+    "goes to the first backend of its chain that has it (else a 400)"
+)
+
+
+def _capabilities(v: Any) -> Any:
+    """One name or a list; repeats dropped."""
+    v = as_tuple(v)
+    if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+        return tuple(dict.fromkeys(v))
+    return v
 
 
 class Timeouts(ConfigModel):
@@ -91,7 +111,7 @@ class OpenAIBackend(ConfigModel):
     """An OpenAI-compatible server (vLLM, TGI, llama.cpp, OpenAI itself) behind one or more URLs.
 
     Each ``base_urls`` entry may hold several URLs separated by commas or spaces, so that one
-    environment variable can list replicas: ``["${LARGE_URLS}"]``.
+    environment variable can list replicas: ``["${SPARSITY_ROUTER_LARGE_URLS}"]``.
     """
 
     type: Literal["openai"] = Field(description="openai")
@@ -105,6 +125,12 @@ class OpenAIBackend(ConfigModel):
         None,
         description="NAME of the environment variable holding the upstream API key (sent when "
         "it is set)",
+    )
+    api: Literal["openai", "anthropic"] = Field(
+        "openai",
+        description="the API the server speaks: openai (chat, completions, responses, "
+        "embeddings; /v1/messages is translated to chat) or anthropic (answers /v1/messages "
+        "only, forwarded untouched with x-api-key and anthropic-version)",
     )
     timeouts: Timeouts = Field(Timeouts(), description="upstream deadlines")
     max_connections: int = Field(100, ge=1, description="open connections to the server at most")
@@ -136,6 +162,9 @@ class OpenAIBackend(ConfigModel):
     breaker: Breaker | None = Field(
         Breaker(), description="circuit breaker per replica; null: never skip a replica"
     )
+    capabilities: tuple[Capability, ...] = Field(
+        CAPABILITIES, description=_CAPABILITIES + "; default: all"
+    )
 
     @field_validator("base_urls", mode="before")
     @classmethod
@@ -164,6 +193,11 @@ class OpenAIBackend(ConfigModel):
     def _one_or_many(cls, v: Any) -> Any:
         return as_tuple(v)
 
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _capability_list(cls, v: Any) -> Any:
+        return _capabilities(v)
+
     @field_validator("retry_on", mode="before")
     @classmethod
     def _one_status(cls, v: Any) -> Any:
@@ -190,11 +224,31 @@ class LocalBackend(ConfigModel):
     )
     fallback: tuple[str, ...] = Field((), description=_FALLBACK)
     price: Price | None = Field(None, description="per million tokens, for event costs")
+    capabilities: tuple[Capability, ...] = Field(
+        (),
+        description=_CAPABILITIES + "; default: none (the local backend ignores tools and "
+        "response_format and reads text parts only)",
+    )
 
     @field_validator("fallback", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return as_tuple(v)
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _capability_list(cls, v: Any) -> Any:
+        return _capabilities(v)
+
+    @field_validator("capabilities")
+    @classmethod
+    def _served_locally(cls, v: tuple[Capability, ...]) -> tuple[Capability, ...]:
+        if v:
+            raise ValueError(
+                f"a local backend cannot serve {', '.join(v)}: it ignores tools and "
+                "response_format and reads text parts only; leave capabilities empty"
+            )
+        return v
 
 
 class HumanBackend(ConfigModel):
@@ -230,11 +284,19 @@ class HumanBackend(ConfigModel):
     fallback: tuple[str, ...] = Field(
         (), description="backends that answer when the escalation queue itself is unavailable"
     )
+    capabilities: tuple[Capability, ...] = Field(
+        CAPABILITIES, description=_CAPABILITIES + "; default: all (a person reads anything)"
+    )
 
     @field_validator("fallback", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return as_tuple(v)
+
+    @field_validator("capabilities", mode="before")
+    @classmethod
+    def _capability_list(cls, v: Any) -> Any:
+        return _capabilities(v)
 
     @field_validator("ticket_message")
     @classmethod

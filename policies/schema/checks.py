@@ -1,9 +1,10 @@
 """Cross-checks between sections: what no single section can check on its own.
 
-Unknown backends and policies, fallback cycles, human backends used as fallbacks, percentile
-rules without a calibration, metrics the probe does not measure, cascades without an answer
-calibration, direct models clashing with virtual ones, experiments on unknown models. Every
-problem is a ``(loc, message)`` pair with ``loc`` from the root of the file;
+Unknown backends and policies, fallback cycles, rules whose condition implies a capability
+(``has_tools: true``) that no backend of their chain has, human backends used as fallbacks,
+percentile rules without a calibration, metrics the probe does not measure, cascades without an
+answer calibration, direct models clashing with virtual ones, experiments on unknown models.
+Every problem is a ``(loc, message)`` pair with ``loc`` from the root of the file;
 :class:`~policies.schema.settings.Settings` raises them all at once as
 :class:`~policies.schema.common.SchemaProblems`.
 """
@@ -18,7 +19,7 @@ from policies.schema.common import NAME_PATTERN, Loc, Problem, known_names
 from policies.schema.escalation import EscalationSettings
 from policies.schema.experiments import Experiment
 from policies.schema.probe import CacheSettings, CalibrationSettings, ProbeSection
-from policies.schema.rules import Cascade, Policy, VirtualModel
+from policies.schema.rules import Cascade, Policy, Rule, VirtualModel
 
 __all__ = ["cross_check"]
 
@@ -211,6 +212,52 @@ class _Checker:
                 )
         return problems
 
+    def chain(self, route: str, fallback: tuple[str, ...] | None) -> list[str]:
+        """``route`` and every backend its fallbacks (``fallback``, else its own) reach,
+        depth-first; unknown names are skipped (reported elsewhere)."""
+        out: list[str] = []
+
+        def walk(name: str) -> None:
+            if name in out or name not in self.backends:
+                return
+            out.append(name)
+            for nxt in self.backends[name].fallback:
+                walk(nxt)
+
+        if route in self.backends:
+            out.append(route)
+            for name in self.backends[route].fallback if fallback is None else fallback:
+                walk(name)
+        return out
+
+    def check_rule_capabilities(self, loc: Loc, rule: Rule) -> list[Problem]:
+        """A rule whose condition implies a capability (``has_tools: true``: tools,
+        ``has_images: true``: vision, ``response_format`` of JSON types only: json) must reach
+        a backend that has it, else every request it matches would be refused."""
+        when = rule.when
+        implied: list[tuple[str, str]] = []
+        if when.has_tools:
+            implied.append(("has_tools", "tools"))
+        if when.has_images:
+            implied.append(("has_images", "vision"))
+        if when.response_format is not None and "text" not in when.response_format:
+            implied.append(("response_format", "json"))
+        chain = self.chain(rule.route, rule.fallback)
+        if not chain:
+            return []
+        problems: list[Problem] = []
+        for field, capability in implied:
+            if not any(capability in self.backends[b].capabilities for b in chain):
+                problems.append(
+                    (
+                        (*loc, "when", field),
+                        f"every request this rule matches needs {capability!r}, but no backend "
+                        f"of its chain ({', '.join(chain)}) lists it in capabilities: route it "
+                        f"to a backend with {capability}",
+                    )
+                )
+        return problems
+
     def check_policies(self) -> list[Problem]:
         problems: list[Problem] = []
         measured = set(self.probe.metrics)
@@ -224,6 +271,7 @@ class _Checker:
             for i, rule in enumerate(policy.rules):
                 loc: Loc = (*base, "rules", i)
                 problems.extend(self.check_action(loc, rule.route, rule.fallback))
+                problems.extend(self.check_rule_capabilities(loc, rule))
                 when = rule.when
                 for field in ("percentile", "share", "p_large"):
                     if getattr(when, field) is not None and self.calibration.path is None:

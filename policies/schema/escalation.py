@@ -100,7 +100,7 @@ class EventsSettings(ConfigModel):
     ``sink``: ``sqlite`` (the file ``path``), ``jsonl`` (the file ``path``), ``redis`` (a stream
     ``stream`` at ``redis_url``, trimmed to about ``max_len`` entries) or ``none``. Records go
     through a bounded in-memory queue of ``queue_size`` to a writer thread; a full queue or a
-    failing sink drops records (counted in ``router_events_dropped``), never a request.
+    failing sink drops records (counted in ``sparsity_router_events_dropped``), never a request.
     Without an ``events:`` section nothing is recorded.
     """
 

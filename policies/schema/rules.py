@@ -9,6 +9,10 @@ A request with no readable text (only image, audio or file parts, or blank text)
 probed: ``has_text: false`` rules match it, and the policy's ``on_no_text`` action (default: its
 ``default``) takes it where a rule would need the probe.
 
+Conditions on the request's shape (``has_tools``, ``has_images``, ``response_format``,
+``n_messages``) need no probe; what a request needs of its backend (tools, vision, json) is
+checked against the backends' ``capabilities`` after the decision (docs/routing.md).
+
 Checks needing other sections (backend names, a calibration for percentile rules, metrics the
 probe measures) are the root's (:mod:`policies.schema.checks`).
 """
@@ -33,10 +37,13 @@ __all__ = [
     "MetricCondition",
     "PercentileBand",
     "Policy",
+    "ResponseFormat",
     "Rule",
     "VirtualModel",
 ]
 
+#: The ``type`` of a request's ``response_format`` (``text`` when it has none).
+ResponseFormat = Literal["text", "json_object", "json_schema"]
 #: Cumulative shares may exceed 1 by this much (float rounding of e.g. 0.1 + 0.2 + 0.7).
 _SHARE_SLACK: Final = 1e-9
 _MIN = "lower end, included; null: open"
@@ -84,7 +91,8 @@ class PercentileBand(Band):
 
 
 class IntBand(ConfigModel):
-    """An integer interval ``[min, max)`` (token counts); either end may be left open."""
+    """An integer interval ``[min, max)`` (token or message counts); either end may be left
+    open."""
 
     min: int | None = Field(None, ge=0, description=_MIN)
     max: int | None = Field(None, ge=0, description=_MAX)
@@ -167,8 +175,27 @@ class Condition(ConfigModel):
         description="true: the request holds readable text; false: it holds none (only image, "
         "audio or file parts, or blank text), so it is never probed",
     )
+    has_tools: bool | None = Field(
+        None,
+        description="true: the request offers tools (a non-empty `tools` or `functions`); "
+        "false: it offers none",
+    )
+    has_images: bool | None = Field(
+        None,
+        description="true: a message holds an image (an `image_url` or `input_image` part); "
+        "false: none does",
+    )
+    response_format: tuple[ResponseFormat, ...] | None = Field(
+        None,
+        description="the request's response_format.type, one or several of text, json_object, "
+        "json_schema (no response_format: text)",
+    )
+    n_messages: IntBand | None = Field(
+        None,
+        description="the number of chat messages lies in this band (a /v1/completions prompt: 0)",
+    )
 
-    @field_validator("model", "user", mode="before")
+    @field_validator("model", "user", "response_format", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return as_tuple(v)
@@ -201,7 +228,7 @@ class Condition(ConfigModel):
             raise ValueError(f"`always: true` cannot be combined with {others}")
         if self.share is not None and self.percentile is not None:
             raise ValueError("use either share or percentile in one condition, not both")
-        for name in ("model", "user"):
+        for name in ("model", "user", "response_format"):
             if getattr(self, name) == ():
                 raise ValueError(f"{name}: give at least one value")
         return self

@@ -93,9 +93,9 @@ class RateLimitSettings(ConfigModel):
 class AuthSettings(ConfigModel):
     """API keys clients must send as ``Authorization: Bearer KEY``.
 
-    Empty strings are dropped, so ``["${ROUTER_API_KEY:-}"]`` means "the key in
-    ``$ROUTER_API_KEY``, or no authentication when it is unset or empty". With no key at all
-    (``api_keys``, ``keys`` or ``escalation.reviewer_keys``), authentication is off.
+    Empty strings are dropped, so ``["${SPARSITY_ROUTER_API_KEY:-}"]`` means "the key in
+    ``$SPARSITY_ROUTER_API_KEY``, or no authentication when it is unset or empty". With no key at
+    all (``api_keys``, ``keys`` or ``escalation.reviewer_keys``), authentication is off.
     """
 
     api_keys: tuple[str, ...] = Field(
@@ -130,7 +130,7 @@ class AuthSettings(ConfigModel):
     @field_validator("keys", mode="before")
     @classmethod
     def _drop_empty_keys(cls, v: Any) -> Any:
-        # ``key: "${ROUTER_ADMIN_KEY:-}"`` with the variable unset drops the entry.
+        # ``key: "${SPARSITY_ROUTER_ADMIN_KEY:-}"`` with the variable unset drops the entry.
         if isinstance(v, list | tuple):
             return tuple(k for k in v if not (isinstance(k, dict) and k.get("key") == ""))
         return v

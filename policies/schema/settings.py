@@ -21,6 +21,7 @@ from policies.schema.experiments import Experiment
 from policies.schema.probe import CacheSettings, CalibrationSettings, ProbeSection
 from policies.schema.rules import Policy, VirtualModel
 from policies.schema.server import AuthSettings, ServerSettings
+from policies.schema.tracing import TracingSettings
 
 __all__ = ["Settings"]
 
@@ -67,6 +68,9 @@ class Settings(ConfigModel):
     )
     events: EventsSettings | None = Field(
         None, description="per-request records for reports and feedback; null: none"
+    )
+    tracing: TracingSettings = Field(
+        TracingSettings(), description="OpenTelemetry spans of every request; off by default"
     )
 
     _base_dir: Path | None = PrivateAttr(None)

@@ -15,7 +15,10 @@ from typing import Any, Literal, Protocol
 
 __all__ = ["Backend", "Endpoint", "UpstreamResult", "noop_close"]
 
-Endpoint = Literal["chat/completions", "completions"]
+Endpoint = Literal["chat/completions", "completions", "responses", "messages", "embeddings"]
+"""The API call, as the path under ``/v1``: ``responses`` is the OpenAI Responses API,
+``messages`` the Anthropic Messages API (translated to chat for OpenAI-compatible backends,
+:mod:`router.anthropic`), ``embeddings`` a pass-through that is never probed."""
 
 
 async def noop_close() -> None:

@@ -27,11 +27,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import httpx
 
+from router.anthropic import StreamTranslator, message_from_chat, to_chat
 from router.backends.base import Endpoint, UpstreamResult
 from router.breaker import CircuitBreaker
 from router.errors import (
@@ -42,8 +43,13 @@ from router.errors import (
     UpstreamTimeout,
 )
 from router.retry import RetryPolicy, UpstreamObserver, parse_retry_after, request_time_left
+from router.tracing import UpstreamSpan, current
+from router.wire import envelope
 
-__all__ = ["OpenAIBackend"]
+__all__ = ["ANTHROPIC_VERSION", "OpenAIBackend"]
+
+#: The ``anthropic-version`` header sent to a backend with ``api: anthropic``.
+ANTHROPIC_VERSION = "2023-06-01"
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +96,7 @@ class OpenAIBackend:
         *,
         model: str | None = None,
         api_key: str | None = None,
+        api: Literal["openai", "anthropic"] = "openai",
         models: tuple[str, ...] = (),
         connect_s: float = 5.0,
         read_s: float = 120.0,
@@ -104,7 +111,10 @@ class OpenAIBackend:
         """``cooldown_s``: how long a replica that refused a connection is tried last;
         ``breaker_failures``: consecutive failures that open a replica's breaker (None: no
         breaker) for ``breaker_cooldown_s``; ``observer`` hears of retries, failed attempts
-        and breaker changes (the gateway's metrics)."""
+        and breaker changes (the gateway's metrics); ``api``: ``anthropic`` for a server of the
+        Anthropic Messages API (it answers ``messages`` only, with ``x-api-key`` and
+        ``anthropic-version``); an ``openai`` one gets ``messages`` translated to chat
+        (:mod:`router.anthropic`)."""
         if not base_urls:
             raise ValueError(f"backend {name!r} needs at least one base URL")
         self.name = name
@@ -119,8 +129,13 @@ class OpenAIBackend:
         self._rotation = itertools.count()
         self._total_s = total_s
         self._cooldown_s = cooldown_s
+        self.api = api
         headers = {"accept-encoding": "identity", "content-type": "application/json"}
-        if api_key:
+        if api == "anthropic":
+            headers["anthropic-version"] = ANTHROPIC_VERSION
+            if api_key:
+                headers["x-api-key"] = api_key
+        elif api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._headers = headers
         self._max_connections = max_connections
@@ -171,8 +186,26 @@ class OpenAIBackend:
         """Try the replicas (and retry them) until one commits an answer; see the module
         docstring. Raises :class:`UpstreamStatus` for a status outside ``retry_on``,
         :class:`UpstreamRateLimited` when every try was answered 429, :class:`UpstreamTimeout`
-        when the last failure was a timeout, else :class:`UpstreamError`."""
-        payload = body if self.model is None else {**body, "model": self.model}
+        when the last failure was a timeout, else :class:`UpstreamError`.
+
+        ``messages`` goes to an ``openai`` server as chat, translated both ways; an
+        ``anthropic`` server answers ``messages`` only (anything else is a 400). An
+        ``embeddings`` body keeps its model (the client names the upstream's own model)."""
+        if self.api == "anthropic" and endpoint != "messages":
+            raise UpstreamStatus(
+                400,
+                envelope(
+                    f"backend {self.name!r} speaks the Anthropic API and answers /v1/messages "
+                    f"only, not /v1/{endpoint}",
+                    "invalid_request_error",
+                    code="unsupported_endpoint",
+                ),
+                "application/json",
+            )
+        if self.api == "openai" and endpoint == "messages":
+            return await self._messages_as_chat(body, stream=stream)
+        keep = self.model is None or endpoint == "embeddings"
+        payload = body if keep else {**body, "model": self.model}
         content = json.dumps(payload, ensure_ascii=False).encode()
         deadline = time.monotonic() + self._total_s
         policy = self._retry
@@ -248,6 +281,21 @@ class OpenAIBackend:
                         breaker.failed()
         raise self._gave_up(errors, failures, throttled_until)
 
+    async def _messages_as_chat(self, body: dict[str, Any], *, stream: bool) -> UpstreamResult:
+        """An Anthropic Messages call answered by this server's chat completions."""
+        model = str(body.get("model", ""))
+        result = await self.send("chat/completions", to_chat(body), stream=stream)
+        if result.stream is None:
+            try:
+                translated = message_from_chat(result.body or b"", model)
+            except (ValueError, AttributeError, TypeError, IndexError) as exc:
+                raise UpstreamError(f"backend {self.name!r}: unreadable chat answer") from exc
+            result.body = translated
+            result.content_type = "application/json"
+        else:
+            result.stream = StreamTranslator(model).translate(result.stream)
+        return result
+
     def _gave_up(
         self, errors: list[UpstreamError], failures: list[str], throttled_until: list[float]
     ) -> UpstreamError:
@@ -291,12 +339,15 @@ class OpenAIBackend:
         self, replica: _Replica, endpoint: Endpoint, content: bytes, stream: bool, deadline: float
     ) -> UpstreamResult:
         url = f"{replica.url}/{endpoint}"
+        span = current().upstream(self.name, url)  # router/tracing.py; a no-op when off
         replica.outstanding += 1
         response: aiohttp.ClientResponse | None = None
         handed_over = False
         try:
             async with asyncio.timeout_at(self._loop_deadline(deadline)):
-                response = await self._aio().post(url, data=content, headers=self._headers)
+                headers = span.headers(self._headers)  # + traceparent when traced
+                response = await self._aio().post(url, data=content, headers=headers)
+                span.status(response.status)
                 if response.status >= 400:
                     error_body = await response.read()
                     response.release()
@@ -316,29 +367,34 @@ class OpenAIBackend:
             async def close() -> None:
                 upstream.release()
                 replica.outstanding -= 1
+                span.end()
 
             return UpstreamResult(
                 upstream.status,
                 content_type,
-                stream=self._chunks(upstream, deadline),
+                stream=self._chunks(upstream, deadline, span),
                 close=close,
                 replica=replica.url,
             )
-        except TimeoutError:
+        except TimeoutError as exc:
+            span.fail(exc)
             raise UpstreamTimeout(f"no answer within {self._total_s:g} s") from None
         except aiohttp.ClientConnectorError as exc:
+            span.fail(exc)
             replica.down_until = time.monotonic() + self._cooldown_s
             raise _ConnectFailed(f"cannot connect ({exc})") from exc
         except aiohttp.ClientError as exc:
+            span.fail(exc)
             raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             if not handed_over:
+                span.end()
                 replica.outstanding -= 1
                 if response is not None and not response.closed:
                     response.close()
 
     async def _chunks(
-        self, response: aiohttp.ClientResponse, deadline: float
+        self, response: aiohttp.ClientResponse, deadline: float, span: UpstreamSpan
     ) -> AsyncIterator[bytes]:
         iterator = response.content.iter_any().__aiter__()
         while True:
@@ -347,9 +403,11 @@ class OpenAIBackend:
                     chunk = await iterator.__anext__()
             except StopAsyncIteration:
                 return
-            except TimeoutError:
+            except TimeoutError as exc:
+                span.fail(exc)
                 raise UpstreamTimeout(f"stream exceeded {self._total_s:g} s") from None
             except aiohttp.ClientError as exc:
+                span.fail(exc)
                 raise UpstreamError(f"stream broke: {type(exc).__name__}: {exc}") from exc
             yield chunk
 

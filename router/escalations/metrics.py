@@ -21,30 +21,30 @@ class EscalationMetrics:
     def create(cls, registry: CollectorRegistry) -> EscalationMetrics:
         return cls(
             created=Counter(
-                "router_escalations_created",
+                "sparsity_router_escalations_created",
                 "Requests escalated to a human, by backend and mode",
                 ["backend", "mode"],
                 registry=registry,
             ),
             closed=Counter(
-                "router_escalations_closed",
+                "sparsity_router_escalations_closed",
                 "Escalations closed, by status (answered, rejected, expired)",
                 ["status"],
                 registry=registry,
             ),
             open=Gauge(
-                "router_escalations_pending",
+                "sparsity_router_escalations_pending",
                 "Escalations waiting for a reviewer (pending or claimed)",
                 registry=registry,
             ),
             webhook=Counter(
-                "router_escalation_webhook",
+                "sparsity_router_escalation_webhook",
                 "Webhook deliveries of new escalations, by result (delivered, failed)",
                 ["result"],
                 registry=registry,
             ),
             store_errors=Counter(
-                "router_escalation_store_errors",
+                "sparsity_router_escalation_store_errors",
                 "Escalation store calls that failed (the request went to its fallbacks)",
                 registry=registry,
             ),

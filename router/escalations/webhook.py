@@ -2,8 +2,9 @@
 
 Delivery runs in a background task (the request never waits for it), retried with exponential
 backoff (0.5 s, 1 s, 2 s, ...) on connection errors, timeouts and non-2xx answers. A delivery that
-fails every try is logged at WARNING and counted in ``router_escalation_webhook_failures``. The
-summary carries ids, rule and scores, never the conversation (reviewers read it on /review).
+fails every try is logged at WARNING and counted in
+``sparsity_router_escalation_webhook_total{result="failed"}``. The summary carries ids, rule
+and scores, never the conversation (reviewers read it on /review).
 
 With ``secret`` set, every delivery carries ``x-router-timestamp`` (Unix seconds) and
 ``x-router-signature: sha256=<hex>``, the HMAC-SHA256 of ``timestamp + "." + body`` under the

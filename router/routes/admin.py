@@ -3,21 +3,27 @@
 ``/healthz`` and ``/readyz`` are open to anyone (load balancers, orchestrators); ``/metrics``
 needs a key with scope ``metrics`` or ``admin`` when authentication is on, unless
 ``auth.public_metrics`` (docs/security.md).
+
+``/v1/models`` lists every model with ``created`` = :data:`MODELS_CREATED`, a fixed epoch: the
+same across calls, restarts and replicas (the gateway has no real creation date to give).
 """
 
 from __future__ import annotations
 
 import json
-import time
+from typing import Final
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from router.errors import HTTPError
+from router.errors import HTTPError, Unauthorized
 from router.guard import admit
 from router.state import GatewayState
 
-__all__ = ["healthz", "metrics", "models", "readyz"]
+__all__ = ["MODELS_CREATED", "healthz", "metrics", "models", "readyz"]
+
+#: The ``created`` of every model in ``/v1/models``: 2024-01-01T00:00:00Z.
+MODELS_CREATED: Final = 1_704_067_200
 
 
 def _state(request: Request) -> GatewayState:
@@ -48,11 +54,9 @@ async def readyz(request: Request) -> Response:
 async def models(request: Request) -> Response:
     state = _state(request)
     if not state.authorized(request.headers.get("authorization", "").encode() or None):
-        from router.errors import Unauthorized
-
         exc = Unauthorized("missing or invalid API key", code="invalid_api_key")
         return Response(exc.body(), status_code=401, media_type="application/json")
-    created = int(time.time())
+    created = MODELS_CREATED
     data = [
         {
             "id": name,

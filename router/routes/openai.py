@@ -27,8 +27,9 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
-from policies.engine import Decision, RequestContext
+from policies.engine import Decision, MissingCapability, RequestContext
 from policies.schema import Cascade, HumanBackend
+from probes.answers import answer_input
 from router.asgi import (
     Disconnected,
     DisconnectWatcher,
@@ -37,22 +38,39 @@ from router.asgi import (
     Send,
     SentTracker,
     read_body,
+    request_id_headers,
+    request_id_of,
     send_error,
     send_json,
 )
 from router.backends.base import Endpoint
-from router.cascade import Verdict, answer_input, answer_text, as_sse, without_stream
+from router.cascade import Verdict, answer_text, as_sse, without_stream
 from router.dispatch import Dispatched, dispatch
-from router.errors import DeadlineExceeded, HTTPError, NotFound, UpstreamError, UpstreamStatus
+from router.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    HTTPError,
+    NotFound,
+    UpstreamError,
+    UpstreamStatus,
+)
 from router.escalations.handler import answer_by_human, is_human
 from router.events import RequestEvent
 from router.guard import admit
+from router.logs import bind_request_id
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest, parse_request
 from router.retry import bind_request_limit
+from router.routes.surface import (
+    CHAT_ENDPOINTS,
+    human_refusal,
+    send_endpoint_error,
+    stream_error_tail,
+)
 from router.state import GatewayState
+from router.tracing import NO_SPAN, RequestSpan, current
 from router.usage import Usage, UsageTap, client_wants_usage, request_usage, usage_of_body
-from router.wire import SSE_DONE, SSE_HEADERS, sse_data
+from router.wire import SSE_HEADERS, sse_data
 
 __all__ = ["CompletionsEndpoint", "RouteEndpoint"]
 
@@ -74,7 +92,38 @@ def _context(scope: Scope, parsed: ParsedRequest) -> RequestContext:
         headers=headers,
         metadata=parsed.metadata,
         has_text=parsed.has_text,
+        has_tools=parsed.has_tools,
+        has_images=parsed.has_images,
+        response_format=parsed.response_format,
+        n_messages=parsed.n_messages,
     )
+
+
+#: How the 400 for a capability no backend of the chain has describes it.
+_CAPABILITY_HINT = {
+    "tools": "tool calling",
+    "vision": "image input",
+    "json": "JSON output (response_format)",
+}
+
+
+def _capable(state: GatewayState, parsed: ParsedRequest, decision: Decision) -> Decision:
+    """The decision cut to the backends having every capability the request needs (the first
+    capable one of its chain answers when its backend lacks one); 400 naming the capability
+    and its field when none has them, never a silent drop (docs/routing.md, Capabilities)."""
+    try:
+        return state.engine.select(decision, parsed.needs)
+    except MissingCapability as exc:
+        first = exc.missing[0]
+        wanted = ", ".join(
+            f"{c} ({_CAPABILITY_HINT[c]}, for {parsed.needs[c]})" for c in exc.missing
+        )
+        raise BadRequest(
+            f"no backend for this request can serve {wanted}: {', '.join(exc.chain)} "
+            "lack it (backends' capabilities); remove the field or use another model",
+            param=parsed.needs[first],
+            code="unsupported_capability",
+        ) from None
 
 
 @dataclass(slots=True)
@@ -92,7 +141,7 @@ class _Routed:
             (b"x-router-policy", d.policy.encode()),
         ]
         if self.request_id:
-            out.append((b"x-router-request-id", self.request_id.encode()))
+            out += request_id_headers(self.request_id)
         if d.arm is not None and d.experiment is not None:
             out.append((b"x-router-experiment", d.experiment.encode()))
             out.append((b"x-router-arm", d.arm.encode()))
@@ -108,15 +157,19 @@ class _Routed:
             out.append((b"x-router-fallback", ",".join(fallback_from).encode()))
         if d.probe_error:
             out.append((b"x-router-probe-error", b"1"))
+        if d.capability_fallback is not None:
+            out.append((b"x-router-capability-fallback", d.capability_fallback.encode()))
         return out
 
 
 async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _Routed:
-    """Probe (when needed) and decide; direct model names skip both."""
+    """Probe (when needed) and decide; direct model names (and embeddings) skip both."""
     policy = state.engine.policy_for_model(parsed.model)
     context: RequestContext | None = None
     assignment = None
-    if state.engine.experiments.for_model(parsed.model) is not None:
+    if parsed.endpoint == "embeddings":
+        policy = None  # routed by model name only: the backend that lists it under models
+    elif state.engine.experiments.for_model(parsed.model) is not None:
         context = _context(scope, parsed)
         assignment = state.engine.experiments.assign(
             parsed.model, user=parsed.user, headers=context.headers
@@ -139,10 +192,12 @@ async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _R
             reason=f"model {parsed.model!r} is served by backend {backend!r}",
             probe_error=False,
         )
-        return _Routed(parsed, decision, None)
+        return _Routed(parsed, _capable(state, parsed, decision), None)
     outcome: ProbeOutcome | None = None
     if state.probe is not None and parsed.has_text and state.engine.needs_probe(policy):
-        outcome = await state.probe.measure(parsed.probe_input)
+        with current().probe() as probe_span:
+            outcome = await state.probe.measure(parsed.probe_input)
+            probe_span.outcome(outcome)
     decision = state.engine.decide(
         policy,
         outcome.result if outcome is not None else None,
@@ -151,7 +206,16 @@ async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _R
     )
     if assignment is not None:
         decision = replace(decision, experiment=assignment.experiment, arm=assignment.arm)
-    return _Routed(parsed, decision, outcome)
+    return _Routed(parsed, _capable(state, parsed, decision), outcome)
+
+
+def _count_capability_fallback(state: GatewayState, routed: _Routed) -> None:
+    """``router_capability_fallbacks``: the chosen backend lacked a needed capability."""
+    d = routed.decision
+    if d.capability_fallback is not None:
+        skipped, missing = d.capability_fallback.split(":", 1)
+        for capability in missing.split(","):
+            state.metrics.capability_fallbacks.labels(skipped, capability, d.backend).inc()
 
 
 async def _authorize_and_parse(
@@ -176,7 +240,9 @@ def _hold_s(state: GatewayState, backend: str) -> float:
 
 
 class CompletionsEndpoint:
-    """``/v1/chat/completions`` or ``/v1/completions``."""
+    """``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/v1/messages`` or
+    ``/v1/embeddings`` (embeddings: routed by model name, never probed; see
+    :mod:`router.routes.surface` for what else differs)."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -188,18 +254,25 @@ class CompletionsEndpoint:
         limit = asyncio.timeout_at(asyncio.get_running_loop().time() + timeout_s)
         bind_request_limit(limit)  # waits between upstream retries stay inside it
         rule, backend_name, status = "-", "-", 500
-        trace = _Trace(uuid.uuid4().hex)
-        sent = SentTracker(send)
+        trace = _Trace(request_id_of(scope))
+        # Each ASGI request runs in its own task (a copy of the context): no reset needed.
+        bind_request_id(trace.request_id)
+        trace.span = state.tracing.start(scope, self.endpoint, trace.request_id)
+        sent = SentTracker(send, scope)
         routed: _Routed | None = None
         try:
             parsed = await _authorize_and_parse(state, scope, receive, self.endpoint)
+            trace.span.request(parsed.model)
             async with limit:
                 routed = await _route(state, scope, parsed)
                 routed.request_id = trace.request_id
+                _count_capability_fallback(state, routed)
                 rule, backend_name = routed.decision.rule, routed.decision.backend
                 if state.escalations is not None and is_human(
                     state.settings.backends, backend_name
                 ):
+                    if self.endpoint not in CHAT_ENDPOINTS:
+                        raise human_refusal(self.endpoint, backend_name)
                     if (hold_s := _hold_s(state, backend_name)) and (when := limit.when()):
                         limit.reschedule(when + hold_s)  # the hold does not eat the deadline
                     status, backend_name = await answer_by_human(
@@ -229,11 +302,11 @@ class CompletionsEndpoint:
                     type(exc).__name__,
                     exc.message,
                 )
-            await send_error(sent, exc, trace.request_id)
+            await send_endpoint_error(sent, self.endpoint, exc, trace.request_id)
         except TimeoutError:
             if not limit.expired():
                 raise
-            status = await _past_deadline(routed, sent, trace, timeout_s)
+            status = await _past_deadline(self.endpoint, routed, sent, trace, timeout_s)
         finally:
             state.metrics.requests.labels(backend_name, rule, str(status)).inc()
             if state.events is not None:
@@ -243,6 +316,14 @@ class CompletionsEndpoint:
                     )
                 except Exception:  # an event is never worth a failed request
                     logger.exception("building the event record failed")
+            trace.span.finish(
+                status,
+                backend_name,
+                routed.decision if routed is not None else None,
+                routed.outcome if routed is not None else None,
+                trace.usage,
+                trace.cascade,
+            )
 
     async def _answer(
         self,
@@ -262,13 +343,20 @@ class CompletionsEndpoint:
         assert task is not None
         watcher = DisconnectWatcher(receive, task)
         body = routed.parsed.body
-        if routed.parsed.stream and state.events is not None:
+        chat = self.endpoint in CHAT_ENDPOINTS  # the others pass through as they are
+        reads_usage = chat or self.endpoint == "responses"  # response.completed carries it
+        if (
+            reads_usage
+            and routed.parsed.stream
+            and (state.events is not None or trace.span.recording)
+        ):
             trace.tap = UsageTap(strip=False)
-            if state.settings.events is not None and state.settings.events.usage == "inject":
+            inject = state.settings.events is not None and state.settings.events.usage == "inject"
+            if chat and inject:  # stream_options exists on chat and completions only
                 if not client_wants_usage(body) and (asked := request_usage(body)) is not None:
                     body, trace.tap = asked, UsageTap(strip=True)
         try:
-            cascade = _cascade_of(state, d)
+            cascade = _cascade_of(state, d) if chat else None
             if cascade is not None:
                 dispatched = await self._cascade(state, routed, cascade, body, trace)
             else:
@@ -286,8 +374,9 @@ class CompletionsEndpoint:
             headers = [*routed.headers(answered, dispatched.fallback_from), *trace.headers()]
             status = 200
             if dispatched.result.stream is None:
-                if state.events is not None:
+                if state.events is not None or trace.span.recording:
                     trace.usage = usage_of_body(dispatched.result.body)
+                trace.span.answer(dispatched.result.body)
                 if routed.parsed.stream:  # a cascade's kept answer: replayed as a stream
                     sse = as_sse(self.endpoint, dispatched.result.body or b"", routed.parsed.body)
                     await send(
@@ -335,8 +424,12 @@ class CompletionsEndpoint:
         if first.backend != cascade.backend or text is None:  # a fallback answered, or no text
             return trace.verdict(state, "skipped", first)
         assert state.probe is not None  # build_state loads it for cascades
-        checked = answer_input(self.endpoint, routed.parsed.probe_input, text)
-        outcome = await state.probe.measure(checked, calibration=state.answer_calibration)
+        endpoint = self.endpoint
+        assert endpoint == "chat/completions" or endpoint == "completions"  # CHAT_ENDPOINTS
+        checked = answer_input(endpoint, routed.parsed.probe_input, text)
+        with current().probe("answer") as probe_span:
+            outcome = await state.probe.measure(checked, calibration=state.answer_calibration)
+            probe_span.outcome(outcome)
         p = outcome.result.p_large if outcome.result is not None else None
         trace.answer_p_large = p
         if p is None:
@@ -346,6 +439,15 @@ class CompletionsEndpoint:
         if not escalate:
             return trace.verdict(state, "kept", first)
         chain = (cascade.escalate_to, *state.engine.fallback_chain(cascade.escalate_to))
+        needs = routed.parsed.needs
+        chain = tuple(b for b in chain if not state.engine.lacking(b, needs))
+        if not chain:  # no escalation can serve the request's tools, images or JSON
+            logger.warning(
+                "cascade escalation to %s skipped: it lacks %s",
+                cascade.escalate_to,
+                ",".join(state.engine.lacking(cascade.escalate_to, needs)),
+            )
+            return trace.verdict(state, "escalation_failed", first)
         try:
             second = await dispatch(
                 state.backends, chain, self.endpoint, body, stream=routed.parsed.stream
@@ -379,6 +481,7 @@ class CompletionsEndpoint:
             async for chunk in result.stream:
                 if first:
                     trace.first_chunk(state, dispatched.backend, start)
+                    trace.span.answer(chunk)
                     first = False
                 if tap is not None:
                     chunk = tap.feed(chunk)
@@ -399,10 +502,11 @@ class CompletionsEndpoint:
                 exc.message,
             )
             sep = b"" if send.at_event_boundary else b"\n\n"
-            event = exc.stream_event(trace.request_id)
-            await send(
-                {"type": "http.response.body", "body": sep + event + SSE_DONE, "more_body": True}
+            message = f"{exc.stream_message} (request id {trace.request_id})"
+            tail = stream_error_tail(
+                self.endpoint, exc.status, message, exc.stream_event(trace.request_id)
             )
+            await send({"type": "http.response.body", "body": sep + tail, "more_body": True})
             watcher.stop()
         finally:
             # Runs once, also when a disconnect cancelled the task: the cancellation has been
@@ -415,7 +519,7 @@ class CompletionsEndpoint:
 
 
 async def _past_deadline(
-    routed: _Routed | None, sent: SentTracker, trace: _Trace, timeout_s: float
+    endpoint: Endpoint, routed: _Routed | None, sent: SentTracker, trace: _Trace, timeout_s: float
 ) -> int:
     """The request ran past ``server.request_timeout_s`` and its work has been cancelled (the
     upstream request closed): tell the client and return the status to record."""
@@ -430,11 +534,12 @@ async def _past_deadline(
     )
     error = DeadlineExceeded(timeout_s)
     if not sent.started:
-        await send_error(sent, error, trace.request_id)
+        await send_endpoint_error(sent, endpoint, error, trace.request_id)
     elif routed is not None and routed.parsed.stream:
         sep = b"" if sent.at_event_boundary else b"\n\n"
-        event = sse_data(error.body(trace.request_id))
-        await sent({"type": "http.response.body", "body": sep + event + SSE_DONE})
+        message = error.client_message(trace.request_id)
+        tail = stream_error_tail(endpoint, 504, message, sse_data(error.body(trace.request_id)))
+        await sent({"type": "http.response.body", "body": sep + tail})
     # else: a JSON answer cut after its headers; the server drops the connection.
     return 504
 
@@ -471,6 +576,7 @@ class _Trace:
     cascade: Verdict | None = None
     answer_p_large: float | None = None
     checked_cost: float | None = None  # an escalated request's first (checked) answer
+    span: RequestSpan = NO_SPAN  # router/tracing.py: the request's server span
 
     def first_chunk(self, state: GatewayState, backend: str, start: float) -> None:
         """The first chunk of a stream is going out: time to first token."""
@@ -562,6 +668,7 @@ class RouteEndpoint:
                 "probe_error": d.probe_error,
                 "experiment": d.experiment,
                 "arm": d.arm,
+                "capability_fallback": d.capability_fallback,
                 "cascade": None if cascade is None else cascade.model_dump(),
             },
             "probe": None

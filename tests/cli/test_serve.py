@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
-from cli.main import main
+from cli.main import build_parser, main
+from cli.serve import log_format
+from probes.errors import RouterError
 from tests.router.conftest import closed_port_url
-from tests.servers import FakeUpstream, ServerThread
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.servers import ROOT, FakeUpstream, ServerThread, start_serve, stop_serve, wait_ready
 
 
 @pytest.fixture
@@ -41,29 +32,17 @@ def test_serve_on_the_embedded_default(
     large: tuple[FakeUpstream, ServerThread], tmp_path: Path
 ) -> None:
     """The README's first command: the embedded default answers the openai SDK, streaming too."""
-    port = free_port()
-    env = {**os.environ, "LARGE_BASE_URL": large[1].url + "/v1", "HF_HUB_OFFLINE": "1"}
-    env["ROUTER_EVENTS_PATH"] = str(tmp_path / "events.sqlite")
-    env.pop("ROUTER_API_KEY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "SPARSITY_ROUTER_LARGE_URLS": large[1].url + "/v1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env["SPARSITY_ROUTER_EVENTS_PATH"] = str(tmp_path / "events.sqlite")
+    for name in ("SPARSITY_ROUTER_API_KEY", "ROUTER_API_KEY", "SPARSITY_ROUTER_CONFIG"):
+        env.pop(name, None)
+    proc, base = start_serve(env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gateway did not become ready in 120 s"
-            time.sleep(0.5)
+        wait_ready(proc, base, timeout=120, poll_s=0.5)
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
         backends = set()
         prompts = ["What is the capital of France?", "Xq zzv plok wumm trr? Gnarf blee."]
@@ -85,14 +64,7 @@ def test_serve_on_the_embedded_default(
         assert backends <= {"small", "large"}
         assert "auto" in [m.id for m in client.models.list()]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout:
-            proc.stdout.close()
+        stop_serve(proc)
     # the embedded default records events: three requests, tokens from the local model's usage
     with sqlite3.connect(tmp_path / "events.sqlite") as db:
         rows = db.execute("SELECT backend, stream, prompt_tokens, completion_tokens FROM requests")
@@ -131,10 +103,10 @@ def test_check_ping(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("LARGE_BASE_URL", large[1].url + "/v1")
+    monkeypatch.setenv("SPARSITY_ROUTER_LARGE_URLS", large[1].url + "/v1")
     assert main(["check", str(ROOT / "config/default.yaml"), "--ping"]) == 0
     assert "ping large: " in capsys.readouterr().out
-    monkeypatch.setenv("LARGE_BASE_URL", closed_port_url())
+    monkeypatch.setenv("SPARSITY_ROUTER_LARGE_URLS", closed_port_url())
     assert main(["check", str(ROOT / "config/default.yaml"), "--ping"]) == 1
     assert "ping large: FAILED" in capsys.readouterr().out
 
@@ -150,7 +122,7 @@ def test_check_names_the_cascade_and_its_missing_calibration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     example = ROOT / "config/examples/cascade.yaml"
-    monkeypatch.setenv("ANSWER_CALIBRATION_PATH", str(tmp_path / "answers.json"))
+    monkeypatch.setenv("SPARSITY_ROUTER_ANSWER_CALIBRATION_PATH", str(tmp_path / "answers.json"))
     assert main(["check", str(example)]) == 1
     out = capsys.readouterr().out
     assert "cascade: small's answers -> large when p_large in [0.5, inf)" in out
@@ -172,3 +144,78 @@ def test_check_reports_yaml_path_and_line(
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:6: policies.default.rules[0].route: unknown backend 'lage'; known: small" in err
+
+
+# -- serve [CONFIG], --log-format ---------------------------------------------------------------
+
+
+def test_serve_takes_the_config_as_an_argument_or_an_option(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve", "a.yaml"]).config == "a.yaml"
+    assert parser.parse_args(["serve", "--config", "a.yaml"]).config == "a.yaml"
+    assert parser.parse_args(["serve", "--config", "a.yaml", "./a.yaml"]).config == "./a.yaml"
+    assert parser.parse_args(["serve"]).config is None
+    assert parser.parse_args(["check", "--config", "b.yaml"]).config == "b.yaml"
+    args = parser.parse_args(["serve", "a.yaml", "--log-format", "json", "--port", "1"])
+    assert (args.config, args.log_format, args.port) == ("a.yaml", "json", 1)
+    capsys.readouterr()
+    assert main(["serve", "a.yaml", "--config", "b.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "usage: sparsity-router serve" in err
+    assert "two different config files: CONFIG 'a.yaml' and --config 'b.yaml'" in err
+    assert main(["serve", "--log-format", "xml"]) == 2
+
+
+def test_log_format_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = build_parser()
+    monkeypatch.setenv("SPARSITY_ROUTER_LOG_FORMAT", "JSON")
+    assert log_format(parser.parse_args(["serve"])) == "json"
+    assert log_format(parser.parse_args(["serve", "--log-format", "text"])) == "text"
+    monkeypatch.setenv("SPARSITY_ROUTER_LOG_FORMAT", "xml")
+    with pytest.raises(RouterError, match="SPARSITY_ROUTER_LOG_FORMAT='xml'"):
+        log_format(parser.parse_args(["serve"]))
+    monkeypatch.delenv("SPARSITY_ROUTER_LOG_FORMAT")
+    assert log_format(parser.parse_args(["serve"])) == "text"
+
+
+def test_serve_config_positional_with_json_logs(tmp_path: Path) -> None:
+    """`sparsity-router serve FILE --log-format json` (what config/examples tell users): every
+    log line is a JSON object; the request's lines carry the client's x-request-id; the old
+    variable name still works, with a deprecation warning."""
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "backends:\n"
+        '  small: {type: openai, base_urls: ["${SPARSITY_ROUTER_SMALL_URLS}"], '
+        "timeouts: {connect_s: 2}}\n"
+        "policies:\n  default: {default: small, on_probe_error: small}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSITY_ROUTER_")}
+    env.update({"SMALL_URLS": closed_port_url(), "HF_HUB_OFFLINE": "1"})
+    proc, base = start_serve(str(config), "--log-format", "json", env=env)
+    try:
+        wait_ready(proc, base)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(
+                model="small",
+                messages=[{"role": "user", "content": "a prompt never logged 5521"}],
+                extra_headers={"x-request-id": "cli-json-1"},
+            )
+        client.close()
+        assert exc.value.response.headers["x-request-id"] == "cli-json-1"
+    finally:
+        out = stop_serve(proc)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert lines and len(lines) == len([line for line in out.splitlines() if line.strip()]), out
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+    assert any(
+        e["level"] == "WARNING"
+        and "SMALL_URLS" in e["message"]
+        and "SPARSITY_ROUTER_SMALL_URLS" in e["message"]
+        for e in lines
+    ), lines
+    assert any(e.get("request_id") == "cli-json-1" and e["level"] == "WARNING" for e in lines)
+    assert any(e["logger"].startswith("uvicorn") for e in lines)  # uvicorn's lines too
+    assert "5521" not in out

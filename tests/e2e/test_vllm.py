@@ -234,9 +234,9 @@ def _answer_calibration(local: SparsityProbe, path: Path) -> None:
     with answers of 0-79 words."""
     import numpy as np
 
+    from probes.answers import answer_input
     from probes.calibration import Calibration
     from probes.supervised import LENGTH_FEATURE, SupervisedModel
-    from router.cascade import answer_input
 
     words = [k % 80 for k in range(0, 160, 2)]
     inputs = [

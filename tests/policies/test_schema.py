@@ -63,8 +63,12 @@ def test_default_config_env_unset() -> None:
     assert s.probe.warm_up and s.probe.batching.enabled
     assert s.virtual_models["auto"].policy == "default"
     policy = s.policies["default"]
-    assert [r.name for r in policy.rules] == ["sparse"]
-    assert policy.rules[0].when.share == 0.3 and policy.rules[0].route == "large"
+    assert [r.name for r in policy.rules] == ["tools", "images", "json", "sparse"]
+    tools, images, json_format, sparse = policy.rules
+    assert tools.when.has_tools is True and images.when.has_images is True
+    assert set(json_format.when.response_format or ()) == {"json_object", "json_schema"}
+    assert all(r.route == "large" for r in policy.rules)
+    assert sparse.when.share == 0.3
     assert policy.default.route == "small" and policy.on_probe_error == "large"
     assert s.cache.redis is None and s.cache.memory.max_entries > 0
     assert s.server.max_body_bytes == 1 << 20 and s.server.passthrough_direct_models
@@ -72,9 +76,9 @@ def test_default_config_env_unset() -> None:
 
 def test_default_config_env_set() -> None:
     env = {
-        "ROUTER_API_KEY": "sekrit",
-        "LARGE_BASE_URL": "http://gpu-1:8000/v1/",
-        "LARGE_MODEL": "Qwen/Qwen2.5-32B-Instruct",
+        "SPARSITY_ROUTER_API_KEY": "sekrit",
+        "SPARSITY_ROUTER_LARGE_URLS": "http://gpu-1:8000/v1/",
+        "SPARSITY_ROUTER_LARGE_MODEL": "Qwen/Qwen2.5-32B-Instruct",
     }
     s = load_settings(DEFAULT, env=env)
     assert s.auth.api_keys == ("sekrit",) and s.auth.enabled
@@ -86,14 +90,19 @@ def test_default_config_env_set() -> None:
 
 
 def test_default_config_empty_var_uses_default() -> None:
-    s = load_settings(DEFAULT, env={"LARGE_BASE_URL": "", "ROUTER_API_KEY": ""})
+    s = load_settings(
+        DEFAULT, env={"SPARSITY_ROUTER_LARGE_URLS": "", "SPARSITY_ROUTER_API_KEY": ""}
+    )
     large = s.backends["large"]
     assert isinstance(large, OpenAIBackend) and large.base_urls == ("http://127.0.0.1:8001/v1",)
     assert s.auth.api_keys == ()
 
 
 def test_vllm_example() -> None:
-    env = {"SMALL_URLS": "http://a:1/v1, http://b:1/v1", "REDIS_URL": "redis://r:6379/2"}
+    env = {
+        "SPARSITY_ROUTER_SMALL_URLS": "http://a:1/v1, http://b:1/v1",
+        "SPARSITY_ROUTER_REDIS_URL": "redis://r:6379/2",
+    }
     s = load_settings(EXAMPLES / "vllm-small-large.yaml", env=env)
     small = s.backends["small"]
     assert isinstance(small, OpenAIBackend)
@@ -335,7 +344,8 @@ BROKEN: dict[str, list[str]] = {
     "bad-empty-condition.yaml": [
         "6: policies.default.rules[0].when: empty condition: give at least one of always, "
         "percentile, share, p_large, score, metric, n_tokens, model, user, header, metadata, "
-        "has_text (write `always: true` for a rule that matches every request)"
+        "has_text, has_tools, has_images, response_format, n_messages (write `always: true` for "
+        "a rule that matches every request)"
     ],
     "bad-backend-type.yaml": [
         "3: backends.large: unknown type 'vllm' (allowed: human, local, openai)"

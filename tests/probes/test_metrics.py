@@ -9,15 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from probes.metric_names import METRIC_NAMES, sparsity
 from probes.metrics import (
-    METRIC_NAMES,
     METRICS,
     compute_all,
     effective_rank,
     gini,
     hoyer,
     outlier_frac,
-    sparsity,
     top_k_energy,
 )
 

@@ -13,7 +13,7 @@ from policies.loader import parse_settings
 from probes.calibration import Calibration
 from probes.probe import SparsityProbe
 from router.app import create_app
-from tests.servers import FakeUpstream, ServerThread
+from tests.servers import FakeUpstream, ServerPool, ServerThread
 
 REFERENCE = [
     f"{a} {b} question number {i}?"
@@ -73,6 +73,25 @@ def upstreams() -> Iterator[dict[str, tuple[FakeUpstream, ServerThread]]]:
             server.stop()
 
 
+def probe_yaml(tiny_model_dir: Path, calibration: Path, extra: str = "") -> str:
+    """The ``probe`` (the tiny model at three layers, ``extra`` keys added) and ``calibration``
+    sections of the test gateways' YAML."""
+    keys = "".join(f"  {line}\n" for line in extra.splitlines())
+    return (
+        f'probe:\n  model: "{tiny_model_dir}"\n  layers: [1, 2, -1]\n  token_mean: true\n'
+        f'  timeout_s: 10\n{keys}calibration: {{path: "{calibration}"}}'
+    )
+
+
+# The policy of the test gateways: the sparser half of prompts to large.
+SPARSE_POLICY = """policies:
+  default:
+    rules:
+      - {name: sparse, when: {share: 0.5}, route: large}
+    default: small
+    on_probe_error: large"""
+
+
 def gateway_yaml(
     tiny_model_dir: Path,
     calibration: Path,
@@ -89,12 +108,7 @@ def gateway_yaml(
     return f"""
 server: {{max_body_bytes: 65536}}
 auth: {{api_keys: {api_keys}}}
-probe:
-  model: "{tiny_model_dir}"
-  layers: [1, 2, -1]
-  token_mean: true
-  timeout_s: 10
-calibration: {{path: "{calibration}"}}
+{probe_yaml(tiny_model_dir, calibration)}
 backends:
   small: {{type: openai, base_urls: ["{small_url}"], model: small-served, models: [small-direct]}}
   large:
@@ -103,12 +117,7 @@ backends:
     model: large-served
     fallback: [small]
     {large_timeouts}
-policies:
-  default:
-    rules:
-      - {{name: sparse, when: {{share: 0.5}}, route: large}}
-    default: small
-    on_probe_error: large
+{SPARSE_POLICY}
 {extra}
 """
 
@@ -119,19 +128,13 @@ def serve_yaml(
 ) -> Iterator[Callable[[str], ServerThread]]:
     """Start a gateway (sharing the tiny probe) from YAML text on a loopback port; every
     gateway started is stopped after the test."""
-    running: list[ServerThread] = []
+    with ServerPool() as pool:
 
-    def start(text: str) -> ServerThread:
-        settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
-        server = ServerThread(create_app(settings, probe=tiny_probe)).start()
-        running.append(server)
-        return server
+        def start(text: str) -> ServerThread:
+            settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
+            return pool.start(ServerThread(create_app(settings, probe=tiny_probe)))
 
-    try:
         yield start
-    finally:
-        for server in running:
-            server.stop()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from tests.router.conftest import probe_yaml
 from tests.servers import ServerThread
 
 CLIENT_A = "client-key-a"
@@ -35,12 +36,7 @@ def escalation_yaml(
     )
     return f"""
 auth: {keys}
-probe:
-  model: "{tiny_model_dir}"
-  layers: [1, 2, -1]
-  token_mean: true
-  timeout_s: 10
-calibration: {{path: "{calibration}"}}
+{probe_yaml(tiny_model_dir, calibration)}
 backends:
   small: {{type: openai, base_urls: ["{small_url}"], model: small-served}}
   desk:

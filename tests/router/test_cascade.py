@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from router.cascade import answer_input, answer_text, as_sse, without_stream
+from probes.answers import answer_input
+from router.cascade import answer_text, as_sse, without_stream
 
 
 def chat_body(*choices: dict[str, Any], usage: bool = True) -> bytes:

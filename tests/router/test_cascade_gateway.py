@@ -18,12 +18,12 @@ import pytest
 
 from policies.loader import parse_settings
 from policies.schema import Settings
+from probes.answers import answer_input
 from probes.calibration import Calibration
 from probes.errors import CalibrationError
 from probes.probe import SparsityProbe
 from probes.supervised import LENGTH_FEATURE, SupervisedModel
 from router.app import create_app
-from router.cascade import answer_input
 from router.state import build_state
 from tests.router.conftest import REFERENCE
 from tests.servers import FakeUpstream, ServerThread
@@ -249,8 +249,8 @@ def test_events_record_the_verdict_and_both_costs(
     for prompt in ("What is 2 + 2?", "A hard question?"):
         ids.append(chat(run.url, prompt).headers["x-router-request-id"])
     metrics = httpx.get(run.url + "/metrics", timeout=10).text
-    assert 'router_cascades_total{verdict="kept"} 1.0' in metrics
-    assert 'router_cascades_total{verdict="escalated"} 1.0' in metrics
+    assert 'sparsity_router_cascades_total{verdict="kept"} 1.0' in metrics
+    assert 'sparsity_router_cascades_total{verdict="escalated"} 1.0' in metrics
     serving.close()  # stops the gateway: the event log is drained
     with sqlite3.connect(run.events) as db:
         db.row_factory = sqlite3.Row

@@ -121,9 +121,9 @@ def test_ticket_then_polling_with_own_and_foreign_keys(make_esc_gateway: MakeGat
     assert api(gw, "GET", f"/v1/escalations/{id}", CLIENT_B).status_code == 404
 
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
-    assert 'router_escalations_created_total{backend="desk",mode="ticket"} 1.0' in metrics
-    assert 'router_escalations_closed_total{status="answered"} 1.0' in metrics
-    assert "router_escalations_pending 0.0" in metrics
+    assert 'sparsity_router_escalations_created_total{backend="desk",mode="ticket"} 1.0' in metrics
+    assert 'sparsity_router_escalations_closed_total{status="answered"} 1.0' in metrics
+    assert "sparsity_router_escalations_pending 0.0" in metrics
 
 
 def test_ticket_streams_as_chunks(make_esc_gateway: MakeGateway) -> None:
@@ -342,7 +342,7 @@ def test_webhook_is_retried_and_failures_are_counted(make_esc_gateway: MakeGatew
     assert hook.calls[1]["event"] == "escalation.created" and hook.calls[1]["rule"] == "sparsest"
     assert "messages" not in hook.calls[1]
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
-    assert 'router_escalation_webhook_total{result="delivered"} 1.0' in metrics
+    assert 'sparsity_router_escalation_webhook_total{result="delivered"} 1.0' in metrics
     assert "x-router-signature" not in hook.headers[0]  # no secret configured: unsigned
 
 
@@ -403,7 +403,9 @@ def test_with_redis_each_webhook_is_sent_by_exactly_one_gateway(
             time.sleep(0.05)
         time.sleep(0.5)  # time for any duplicate delivery to show up
     assert sorted(c["id"] for c in hook.calls) == sorted(ids)  # each once, none twice
-    delivered = [metric(gw, 'router_escalation_webhook_total{result="delivered"}') for gw in (a, b)]
+    delivered = [
+        metric(gw, 'sparsity_router_escalation_webhook_total{result="delivered"}') for gw in (a, b)
+    ]
     assert sum(delivered) == len(ids)
 
 
@@ -427,7 +429,10 @@ def test_a_client_leaving_a_hold_keeps_the_escalation(make_esc_gateway: MakeGate
     (e,) = wait_for_open(gw)
     assert e["status"] == "pending"  # a reviewer can still answer; the client may poll
     deadline = time.monotonic() + 5
-    while metric(gw, 'router_requests_total{backend="holder",rule="sparsest",status="499"}') != 1:
+    while (
+        metric(gw, 'sparsity_router_requests_total{backend="holder",rule="sparsest",status="499"}')
+        != 1
+    ):
         assert time.monotonic() < deadline, "the abandoned hold was not counted as a 499"
         time.sleep(0.05)
     assert httpx.get(gw.url + "/healthz", timeout=5).status_code == 200
@@ -443,7 +448,7 @@ def test_a_queue_outage_goes_to_the_fallback_or_is_a_503(
     raw = ask(with_fallback, "ask-ticket")
     assert raw.parse().choices[0].message.content == "answer from small"
     assert (raw.headers["x-router-backend"], raw.headers["x-router-fallback"]) == ("small", "desk")
-    assert metric(with_fallback, "router_escalation_store_errors_total") == 1
+    assert metric(with_fallback, "sparsity_router_escalation_store_errors_total") == 1
     with pytest.raises(openai.InternalServerError) as info:
         ask(without, "ask-ticket")
     assert info.value.status_code == 503

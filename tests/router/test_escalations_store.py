@@ -198,14 +198,14 @@ async def test_service_sweeper_expires_and_counts(store: EscalationStore) -> Non
     a = await svc.create(new("a"))
     now[0] = T0 + 30
     b = await svc.create(new("b"))
-    assert sample(svc, "router_escalations_pending") == 2
+    assert sample(svc, "sparsity_router_escalations_pending") == 2
     now[0] = T0 + 61
     assert await svc.sweep() == 1
     got_a, got_b = await svc.get(a.id), await svc.get(b.id)
     assert got_a is not None and got_a.status == "expired"
     assert got_b is not None and got_b.status == "pending"
-    assert sample(svc, "router_escalations_pending") == 1
-    assert sample(svc, "router_escalations_closed_total", status="expired") == 1
+    assert sample(svc, "sparsity_router_escalations_pending") == 1
+    assert sample(svc, "sparsity_router_escalations_closed_total", status="expired") == 1
 
 
 async def test_closed_escalations_are_deleted_after_retention(store: EscalationStore) -> None:
@@ -261,4 +261,4 @@ async def test_a_short_real_lease_runs_out(store: EscalationStore) -> None:
     await asyncio.sleep(0.4)
     assert (await svc.claim(e.id, "bob")).claimed_by == "bob"
     assert (await svc.answer(e.id, "bob", "ok")).status == "answered"
-    assert sample(svc, "router_escalations_closed_total", status="answered") == 1
+    assert sample(svc, "sparsity_router_escalations_closed_total", status="answered") == 1

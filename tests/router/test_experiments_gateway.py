@@ -309,10 +309,10 @@ def test_a_failing_sink_does_not_fail_requests(
         metrics = ""
         for _ in range(200):
             metrics = httpx.get(gw.url + "/metrics", timeout=10).text
-            if 'router_events_dropped_total{reason="sink_error"} 10.0' in metrics:
+            if 'sparsity_router_events_dropped_total{reason="sink_error"} 10.0' in metrics:
                 break
             time.sleep(0.05)
-    assert 'router_events_dropped_total{reason="sink_error"} 10.0' in metrics
+    assert 'sparsity_router_events_dropped_total{reason="sink_error"} 10.0' in metrics
     failed = [r for r in caplog.records if "dropping events until it recovers" in r.getMessage()]
     assert len(failed) == 1
 

@@ -27,7 +27,7 @@ from policies.loader import parse_settings
 from router.app import create_app
 from router.breaker import CircuitBreaker
 from router.retry import RetryPolicy, parse_retry_after
-from tests.servers import FakeUpstream, Receive, Scope, Send, ServerThread, receive_body
+from tests.servers import FakeUpstream, Receive, Scope, Send, ServerPool, ServerThread, receive_body
 
 Answer = tuple[int, dict[str, str]]
 
@@ -105,20 +105,13 @@ Upstream = tuple[Scripted, CountingServer]
 @pytest.fixture
 def upstream() -> Iterator[Callable[[str], Upstream]]:
     """Start a scripted upstream; every one started is stopped after the test."""
-    running: list[CountingServer] = []
+    with ServerPool() as pool:
 
-    def start(name: str) -> Upstream:
-        scripted = Scripted(name)
-        server = CountingServer(scripted)
-        server.start(timeout=30)
-        running.append(server)
-        return scripted, server
+        def start(name: str) -> Upstream:
+            scripted = Scripted(name)
+            return scripted, pool.start(CountingServer(scripted), timeout=30)
 
-    try:
         yield start
-    finally:
-        for server in running:
-            server.stop()
 
 
 @pytest.fixture
@@ -126,29 +119,23 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
     """Start a gateway whose policy sends everything to ``big`` (replicas ``big_urls``, extra
     YAML ``big``), with ``small`` as its fallback when given, and ``top`` as top-level YAML;
     stopped after the test."""
-    running: list[ServerThread] = []
+    with ServerPool() as pool:
 
-    def start(
-        big_urls: list[str], *, small: str | None = None, big: str = "", top: str = ""
-    ) -> ServerThread:
-        urls = ", ".join(f'"{u}/v1"' for u in big_urls)
-        text = f"{top}\nbackends:\n  big:\n    type: openai\n    base_urls: [{urls}]\n"
-        if small is not None:
-            text += "    fallback: [small]\n"
-        text += "".join(f"    {line}\n" for line in big.splitlines())
-        if small is not None:
-            text += f'  small: {{type: openai, base_urls: ["{small}/v1"]}}\n'
-        text += "policies:\n  default: {rules: [], default: big, on_probe_error: big}\n"
-        settings = parse_settings(text, source_name="gw.yaml", base_dir=tmp_path)
-        server = ServerThread(create_app(settings)).start(timeout=30)
-        running.append(server)
-        return server
+        def start(
+            big_urls: list[str], *, small: str | None = None, big: str = "", top: str = ""
+        ) -> ServerThread:
+            urls = ", ".join(f'"{u}/v1"' for u in big_urls)
+            text = f"{top}\nbackends:\n  big:\n    type: openai\n    base_urls: [{urls}]\n"
+            if small is not None:
+                text += "    fallback: [small]\n"
+            text += "".join(f"    {line}\n" for line in big.splitlines())
+            if small is not None:
+                text += f'  small: {{type: openai, base_urls: ["{small}/v1"]}}\n'
+            text += "policies:\n  default: {rules: [], default: big, on_probe_error: big}\n"
+            settings = parse_settings(text, source_name="gw.yaml", base_dir=tmp_path)
+            return pool.start(ServerThread(create_app(settings)), timeout=30)
 
-    try:
         yield start
-    finally:
-        for server in running:
-            server.stop()
 
 
 def client(gw: ServerThread) -> openai.OpenAI:
@@ -198,8 +185,8 @@ def test_429_then_200_is_retried_on_the_other_replica_then_the_same(
     assert backend == "big"
     assert text.startswith("tok0" if stream else "answer from big-")
     assert a.requests + b.requests == 3 and a.requests >= 1 and b.requests >= 1
-    assert metric(gw, "router_upstream_retries_total", backend="big", reason="429") == 2
-    assert metric(gw, "router_upstream_failures_total", backend="big", reason="429") == 2
+    assert metric(gw, "sparsity_router_upstream_retries_total", backend="big", reason="429") == 2
+    assert metric(gw, "sparsity_router_upstream_failures_total", backend="big", reason="429") == 2
 
 
 def test_retry_after_is_honoured(
@@ -234,8 +221,8 @@ def test_retry_after_beyond_the_cap_fails_over_to_the_fallback_at_once(
     assert time.monotonic() - start < 3.0
     assert (text, backend) == ("answer from small", "small")
     assert big.requests == 1 and small.requests == 1
-    assert metric(gw, "router_fallbacks_total", failed="big", answered="small") == 1
-    assert metric(gw, "router_upstream_retries_total", backend="big", reason="429") is None
+    assert metric(gw, "sparsity_router_fallbacks_total", failed="big", answered="small") == 1
+    assert metric(gw, "sparsity_router_upstream_retries_total", backend="big", reason="429") is None
 
 
 def test_every_replica_rate_limited_gives_the_client_a_429_with_retry_after(
@@ -278,8 +265,8 @@ def test_statuses_outside_retry_on_are_the_clients_answer_untouched(
         assert limited.value.body == {"message": "big says 429", "type": "upstream", "code": None}
         assert c.chat.completions.create(model="auto", messages=messages).choices[0].message
     assert big.requests == 3 and small.requests == 0
-    assert metric(gw, "router_breaker_state", backend="big") == 0
-    assert metric(gw, "router_upstream_failures_total", backend="big") is None
+    assert metric(gw, "sparsity_router_breaker_state", backend="big") == 0
+    assert metric(gw, "sparsity_router_upstream_failures_total", backend="big") is None
 
 
 def test_breaker_opens_skips_the_replica_and_recovers_through_a_half_open_trial(
@@ -294,33 +281,36 @@ def test_breaker_opens_skips_the_replica_and_recovers_through_a_half_open_trial(
         big="retries: 2\nbreaker: {failures: 3, cooldown_s: 1}",
     )
     labels = {"backend": "big", "replica": big_server.url + "/v1"}
-    assert metric(gw, "router_breaker_state", **labels) == 0
+    assert metric(gw, "sparsity_router_breaker_state", **labels) == 0
 
     # three 503s in a row (one try and two retries): open; the fallback answers
     assert ask(gw)[1] == "small"
     assert big.requests == 3 and big_server.connections == 3
-    assert metric(gw, "router_breaker_state", **labels) == 2
-    assert metric(gw, "router_breaker_opens_total", **labels) == 1
+    assert metric(gw, "sparsity_router_breaker_state", **labels) == 2
+    assert metric(gw, "sparsity_router_breaker_opens_total", **labels) == 1
 
     # open: the replica is skipped, not even connected to, and the backend fails at once
     start = time.monotonic()
     assert ask(gw)[1] == "small"
     assert time.monotonic() - start < 0.5
     assert big.requests == 3 and big_server.connections == 3
-    assert metric(gw, "router_upstream_failures_total", backend="big", reason="breaker_open") == 1
+    assert (
+        metric(gw, "sparsity_router_upstream_failures_total", backend="big", reason="breaker_open")
+        == 1
+    )
 
     # after the cooldown one trial goes through; it fails (the 4th 503): open again at once
     time.sleep(1.2)
     assert ask(gw)[1] == "small"
     assert big.requests == 4
-    assert metric(gw, "router_breaker_opens_total", **labels) == 2
+    assert metric(gw, "sparsity_router_breaker_opens_total", **labels) == 2
     assert ask(gw)[1] == "small"
     assert big.requests == 4 and big_server.connections == 4
 
     # the next trial succeeds: closed, and the replica answers again
     time.sleep(1.2)
     assert ask(gw) == ("answer from big", "big")
-    assert metric(gw, "router_breaker_state", **labels) == 0
+    assert metric(gw, "sparsity_router_breaker_state", **labels) == 0
     assert ask(gw) == ("answer from big", "big")
     assert big.requests == 6 and small.requests == 4
 
@@ -337,9 +327,9 @@ def test_one_open_replica_is_skipped_while_the_other_serves(
         assert ask(gw) == ("answer from big-b", "big")
     assert a.requests == 5 and a_server.connections == 5
     assert b.requests == 20
-    assert metric(gw, "router_breaker_state", replica=a_server.url + "/v1") == 2
-    assert metric(gw, "router_breaker_state", replica=b_server.url + "/v1") == 0
-    assert metric(gw, "router_upstream_retries_total", backend="big", reason="503") == 5
+    assert metric(gw, "sparsity_router_breaker_state", replica=a_server.url + "/v1") == 2
+    assert metric(gw, "sparsity_router_breaker_state", replica=b_server.url + "/v1") == 0
+    assert metric(gw, "sparsity_router_upstream_retries_total", backend="big", reason="503") == 5
 
 
 def test_a_backend_with_every_replica_open_fails_at_once_with_retry_after(

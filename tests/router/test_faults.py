@@ -8,8 +8,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from policies.loader import load_settings
 from probes.probe import SparsityProbe
 from router.app import create_app
 from tests.router.conftest import gateway_yaml
-from tests.servers import FakeUpstream, ServerThread
+from tests.servers import FakeUpstream, ServerThread, start_serve, stop_serve, wait_ready
 
 Upstreams = dict[str, tuple[FakeUpstream, ServerThread]]
 MakeGateway = Callable[..., ServerThread]
@@ -104,17 +102,19 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(
     )
     failures = load(gw, 200, key="k1", at={50: redis_server.kill, 120: redis_server.restart})
     assert failures == []
-    assert metric(gw, "router_rate_limit_redis_errors_total") > 0  # Redis really was down
-    cache_trouble = metric(gw, 'router_cache_lookups_total{result="error",tier="redis"}')
-    cache_trouble += metric(gw, 'router_cache_lookups_total{result="skipped",tier="redis"}')
+    assert metric(gw, "sparsity_router_rate_limit_redis_errors_total") > 0  # Redis really was down
+    cache_trouble = metric(gw, 'sparsity_router_cache_lookups_total{result="error",tier="redis"}')
+    cache_trouble += metric(
+        gw, 'sparsity_router_cache_lookups_total{result="skipped",tier="redis"}'
+    )
     assert cache_trouble > 0  # the probe cache saw the outage too
     # after the restart the buckets and the probe results are in Redis again: a prompt probed
     # after the restart is a hit the second time (Redis is the only cache tier here)
     time.sleep(5.5)  # past the longest reconnect back-off
     load(gw, 4, key="k1", clients=2)
-    hits = metric(gw, 'router_cache_lookups_total{result="hit",tier="redis"}')
+    hits = metric(gw, 'sparsity_router_cache_lookups_total{result="hit",tier="redis"}')
     load(gw, 4, key="k1", clients=2)
-    assert metric(gw, 'router_cache_lookups_total{result="hit",tier="redis"}') >= hits + 4
+    assert metric(gw, 'sparsity_router_cache_lookups_total{result="hit",tier="redis"}') >= hits + 4
     with redis.Redis.from_url(redis_server.url) as r:
         assert r.exists("sparsity-router:ratelimit:loadgen")
 
@@ -131,7 +131,7 @@ def test_one_of_two_replicas_stopped_under_load(
     assert len(second.requests) > 0  # it did serve before it stopped
     assert len(first.requests) > len(second.requests)  # and the survivor took the rest
     # a stopped replica is not a failed request: the fallback backend was not needed
-    assert metric(gw, "router_fallbacks_total") == 0
+    assert metric(gw, "sparsity_router_fallbacks_total") == 0
 
 
 def _with_task_count(app: Any) -> Any:
@@ -254,8 +254,8 @@ def test_reload_applies_a_good_file_and_keeps_serving_on_a_broken_one(
             assert err["code"] == "config_invalid" and str(path) in err["message"]
             assert "still serving the previous config" in err["message"]
             assert _answered_by(gw.url) == "large"
-        assert metric(gw, 'router_config_reloads_total{result="error"}') == 3
-        assert metric(gw, 'router_config_reloads_total{result="ok"}') == 1
+        assert metric(gw, 'sparsity_router_config_reloads_total{result="error"}') == 3
+        assert metric(gw, 'sparsity_router_config_reloads_total{result="ok"}') == 1
         assert len([r for r in caplog.records if str(path) in r.getMessage()]) == 3
 
 
@@ -286,27 +286,9 @@ def test_reload_refuses_a_cascade_the_running_gateway_cannot_check(
 def test_sighup_reloads_a_serve_process(upstreams: Upstreams, tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
     _write(path, upstreams, "small")
-    with socket_port() as port:
-        pass
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", "--config", str(path), "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_serve("--config", str(path), env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not become ready"
-            time.sleep(0.2)
+        wait_ready(proc, base)
         assert _answered_by(base) == "small"
         _write(path, upstreams, "large")
         proc.send_signal(signal.SIGHUP)
@@ -318,30 +300,12 @@ def test_sighup_reloads_a_serve_process(upstreams: Upstreams, tmp_path: Path) ->
         proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while (
-            'router_config_reloads_total{result="error"} 1.0'
+            'sparsity_router_config_reloads_total{result="error"} 1.0'
             not in httpx.get(base + "/metrics", timeout=5).text
         ):
             assert time.monotonic() < deadline, "the failed reload was not counted"
             time.sleep(0.1)
         assert _answered_by(base) == "large"
     finally:
-        proc.terminate()
-        try:
-            out, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate(timeout=10)
-    log = out.decode(errors="replace")
+        log = stop_serve(proc)
     assert "config reload from" in log and str(path) in log and "failed" in log
-
-
-class socket_port:
-    def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        return int(self.sock.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()

@@ -15,7 +15,7 @@ import pytest
 from probes.errors import ProbeInputError
 from probes.probe import SparsityProbe
 from tests.router.conftest import REFERENCE, closed_port_url
-from tests.servers import FakeUpstream, ServerThread
+from tests.servers import FakeUpstream, ServerThread, wait_for
 
 Upstreams = dict[str, tuple[FakeUpstream, ServerThread]]
 MakeGateway = Callable[..., ServerThread]
@@ -23,15 +23,6 @@ MakeGateway = Callable[..., ServerThread]
 
 def client(gw: ServerThread, key: str = "none") -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_routes_by_percentile_band_with_headers(
@@ -203,7 +194,7 @@ def test_fallback_on_upstream_500(make_gateway: MakeGateway, upstreams: Upstream
     assert raw.headers["x-router-fallback"] == "large"
     assert raw.parse().choices[0].message.content == "answer from small"
     metrics = httpx.get(gw.url + "/metrics").text
-    assert 'router_fallbacks_total{answered="small",failed="large"} 1.0' in metrics
+    assert 'sparsity_router_fallbacks_total{answered="small",failed="large"} 1.0' in metrics
 
 
 def test_fallback_on_upstream_timeout(make_gateway: MakeGateway, upstreams: Upstreams) -> None:
@@ -319,7 +310,10 @@ def test_probe_failure_goes_to_on_probe_error(
         r.headers["x-router-backend"] == "large" and r.headers["x-router-rule"] == "on_probe_error"
     )
     assert r.headers["x-router-probe-error"] == "1"
-    assert 'router_probe_errors_total{reason="input"} 1.0' in httpx.get(gw.url + "/metrics").text
+    assert (
+        'sparsity_router_probe_errors_total{reason="input"} 1.0'
+        in httpx.get(gw.url + "/metrics").text
+    )
 
 
 @pytest.mark.parametrize(
@@ -413,8 +407,10 @@ def test_models_health_ready_metrics(make_gateway: MakeGateway) -> None:
     assert ready["status"] == "ready" and ready["calibration"] == "loaded"
     client(gw).chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
     text = httpx.get(gw.url + "/metrics").text
-    assert "router_requests_total{" in text and "router_probe_seconds_bucket" in text
-    assert "router_upstream_seconds_bucket" in text
+    assert (
+        "sparsity_router_requests_total{" in text and "sparsity_router_probe_seconds_bucket" in text
+    )
+    assert "sparsity_router_upstream_seconds_bucket" in text
 
 
 def test_unexpected_error_on_the_hot_path_is_a_logged_500_envelope(

@@ -295,7 +295,7 @@ def test_text_free_content_goes_to_the_default_by_rule_no_text(
     assert upstreams["small"][0].requests[-1]["body"]["messages"] == messages
     assert not upstreams["large"][0].requests and not upstreams["large2"][0].requests
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
-    assert "router_probe_errors_total{" not in metrics
+    assert "sparsity_router_probe_errors_total{" not in metrics
     assert not _loud(quiet_log)
 
 
@@ -506,7 +506,7 @@ def test_metrics_and_openapi_need_a_key_with_auth_on(make_gateway: MakeGateway) 
                 assert r.json()["error"]["type"] == "authentication_error"
             elif status == 403:
                 assert r.json()["error"]["code"] == "insufficient_scope"
-    assert "router_requests_total" in _get(gw, "/metrics", "metrics-k").text
+    assert "sparsity_router_requests_total" in _get(gw, "/metrics", "metrics-k").text
     # with auth on, an admin key may reload from anywhere; a metrics key may not
     with from_address("127.0.0.2") as other:
         headers = {"authorization": "Bearer admin-k"}

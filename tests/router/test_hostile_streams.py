@@ -31,12 +31,14 @@ import pytest
 
 from tests.router.conftest import closed_port_url
 from tests.router.escalation_helpers import escalation_yaml
-from tests.servers import FakeUpstream, ServerThread
+from tests.servers import FakeUpstream, ServerThread, wait_for
 
 Upstreams = dict[str, tuple[FakeUpstream, ServerThread]]
 ServeYaml = Callable[[str], ServerThread]
 
 MESSAGES: Any = [{"role": "user", "content": "What is two plus two?"}]
+STREAM = {"model": "auto", "messages": MESSAGES, "stream": True}
+LONG_STREAM = {**STREAM, "ignore_eos": True, "max_tokens": 4000}  # with max_new_tokens: 4000
 # What the report saw leak into envelopes: replica URLs, aiohttp's and Python's own text.
 LEAKS = ("127.0.0.1", "http://", "Cannot connect", "ssl:", "Connect call", "Payload", "Error:")
 
@@ -46,26 +48,39 @@ def client(gw: ServerThread) -> openai.OpenAI:
 
 
 def requests_total(gw: ServerThread, backend: str, status: int) -> float:
-    """``router_requests_total`` summed over rules for one backend and status."""
+    """``sparsity_router_requests_total`` summed over rules for one backend and status."""
     text = httpx.get(gw.url + "/metrics", timeout=10).text
     labels = f'backend="{re.escape(backend)}",rule="[^"]*",status="{status}"'
-    pattern = re.compile(r"^router_requests_total\{" + labels + r"\} (\S+)$", re.M)
+    pattern = re.compile(r"^sparsity_router_requests_total\{" + labels + r"\} (\S+)$", re.M)
     return sum(float(m) for m in pattern.findall(text))
+
+
+def stream_error(gw: ServerThread, body: dict[str, Any] = STREAM) -> dict[str, Any]:
+    """The error event that ends a raw streamed chat completion (checked: ``[DONE]`` follows)."""
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error: dict[str, Any] = json.loads(events[-2][len("data: ") :])["error"]
+    return error
+
+
+def broken_stream(gw: ServerThread) -> tuple[str, openai.APIError, int]:
+    """A stream read through the SDK that ends in an error: its request id, the error, and how
+    many chunks came before it."""
+    with client(gw).chat.completions.with_streaming_response.create(
+        model="auto", messages=MESSAGES, stream=True
+    ) as raw:
+        received = 0
+        with pytest.raises(openai.APIError) as info:
+            for _chunk in raw.parse():
+                received += 1
+        return raw.headers["x-router-request-id"], info.value, received
 
 
 def event_rows(path: Path) -> list[dict[str, Any]]:
     with sqlite3.connect(path) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("SELECT * FROM requests ORDER BY time")]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def local_yaml(model_dir: Path, server: str = "{}") -> str:
@@ -115,12 +130,7 @@ def test_complete_local_streams_are_recorded_as_200(
             for _chunk in raw.parse():
                 pass
     for _ in range(6):  # the socket closes the moment [DONE] arrives
-        with httpx.stream(
-            "POST",
-            gw.url + "/v1/chat/completions",
-            json={"model": "auto", "messages": MESSAGES, "stream": True},
-            timeout=30,
-        ) as r:
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=STREAM, timeout=30) as r:
             assert r.status_code == 200
             ids.append(r.headers["x-router-request-id"])
             lines = r.iter_lines()
@@ -139,14 +149,7 @@ def test_a_client_gone_before_done_is_still_a_499(
     # The other side of item 1: going away mid-stream is not a success.
     yaml = local_yaml(tiny_model_dir).replace("max_new_tokens: 12", "max_new_tokens: 4000")
     gw = serve_yaml(yaml)
-    body = {
-        "model": "auto",
-        "messages": MESSAGES,
-        "stream": True,
-        "ignore_eos": True,
-        "max_tokens": 4000,
-    }
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as r:
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=LONG_STREAM, timeout=30) as r:
         assert r.status_code == 200
         next(r.iter_lines())
     assert wait_for(lambda: requests_total(gw, "small", 499) == 1)
@@ -162,26 +165,11 @@ def test_stream_broken_by_the_upstream_is_recorded_as_502(
     fake, server = upstreams["large"]
     fake.mode = "cut"
     gw = serve_yaml(openai_yaml(tiny_model_dir, server.url + "/v1"))
-    with client(gw).chat.completions.with_streaming_response.create(
-        model="auto", messages=MESSAGES, stream=True
-    ) as raw:
-        rid = raw.headers["x-router-request-id"]
-        received: list[Any] = []
-        with pytest.raises(openai.APIError) as info:
-            for chunk in raw.parse():
-                received.append(chunk)
-    assert len(received) == 2  # the two chunks before the cut, then the error event
-    assert rid in info.value.message
+    rid, error, received = broken_stream(gw)
+    assert received == 2  # the two chunks before the cut, then the error event
+    assert rid in error.message
     # the error event is followed by [DONE]
-    with httpx.stream(
-        "POST",
-        gw.url + "/v1/chat/completions",
-        json={"model": "auto", "messages": MESSAGES, "stream": True},
-        timeout=30,
-    ) as r:
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][len("data: ") :])["error"]["code"] == "upstream_stream_error"
+    assert stream_error(gw)["code"] == "upstream_stream_error"
     assert wait_for(lambda: requests_total(gw, "large", 502) == 2)
     assert requests_total(gw, "large", 200) == 0
     gw.stop()
@@ -227,14 +215,8 @@ def test_mid_stream_error_event_is_generic_and_logged(
     fake, server = upstreams["large"]
     fake.mode = "cut"
     gw = serve_yaml(openai_yaml(tiny_model_dir, server.url + "/v1"))
-    with client(gw).chat.completions.with_streaming_response.create(
-        model="auto", messages=MESSAGES, stream=True
-    ) as raw:
-        rid = raw.headers["x-router-request-id"]
-        with pytest.raises(openai.APIError) as info:
-            for _chunk in raw.parse():
-                pass
-    message = info.value.message
+    rid, error, _ = broken_stream(gw)
+    message = error.message
     assert rid in message
     assert not [leak for leak in LEAKS if leak in message], message
     assert wait_for(
@@ -292,15 +274,7 @@ def test_request_deadline_mid_stream_ends_with_an_error_event(
             received.append(chunk)
     assert 0 < len(received) < 100
     assert "did not complete" in info.value.message
-    with httpx.stream(
-        "POST",
-        gw.url + "/v1/chat/completions",
-        json={"model": "auto", "messages": MESSAGES, "stream": True},
-        timeout=30,
-    ) as r:
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    error = json.loads(events[-2][len("data: ") :])["error"]
+    error = stream_error(gw)
     assert (error["type"], error["code"]) == ("timeout", "request_timeout")
     assert wait_for(lambda: fake.disconnects == 2)  # both upstream streams were cancelled
     assert fake.completed == 0
@@ -314,17 +288,7 @@ def test_request_deadline_also_bounds_a_local_stream(
 ) -> None:
     yaml = local_yaml(tiny_model_dir, "{request_timeout_s: 1}")
     gw = serve_yaml(yaml.replace("max_new_tokens: 12", "max_new_tokens: 4000"))
-    body = {
-        "model": "auto",
-        "messages": MESSAGES,
-        "stream": True,
-        "ignore_eos": True,
-        "max_tokens": 4000,
-    }
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=30) as r:
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]"
-    assert json.loads(events[-2][len("data: ") :])["error"]["type"] == "timeout"
+    assert stream_error(gw, LONG_STREAM)["type"] == "timeout"
     assert requests_total(gw, "small", 504) == 1
     # the generation was stopped with the request
     assert wait_for(

@@ -24,8 +24,8 @@ from router.app import create_app
 from router.probing import BatchingConfig, ProbeService
 from router.state import build_state
 from tests.probes.test_encoding import SpyTokenizer, conversation
-from tests.router.conftest import REFERENCE, closed_port_url
-from tests.servers import FakeUpstream, ServerThread
+from tests.router.conftest import REFERENCE, SPARSE_POLICY, closed_port_url, probe_yaml
+from tests.servers import FakeUpstream, ServerPool, ServerThread
 
 Upstreams = dict[str, tuple[FakeUpstream, ServerThread]]
 
@@ -36,23 +36,12 @@ def config(
     return f"""
 server: {{max_body_bytes: 4000000}}
 auth: {{api_keys: []}}
-probe:
-  model: "{tiny_model_dir}"
-  layers: [1, 2, -1]
-  token_mean: true
-  timeout_s: 10
-  batching: {batching}
-calibration: {{path: "{calibration}"}}
+{probe_yaml(tiny_model_dir, calibration, f"batching: {batching}")}
 cache: {{memory: {{max_entries: 1000}}}}
 backends:
   small: {{type: openai, base_urls: ["{small}"], model: small-served}}
   large: {{type: openai, base_urls: ["{large}"], model: large-served}}
-policies:
-  default:
-    rules:
-      - {{name: sparse, when: {{share: 0.5}}, route: large}}
-    default: small
-    on_probe_error: large
+{SPARSE_POLICY}
 """
 
 
@@ -61,21 +50,15 @@ def gateway(
     tiny_model_dir: Path, tiny_calibration: Path, upstreams: Upstreams, tmp_path: Path
 ) -> Iterator[Callable[..., ServerThread]]:
     """Start gateways (``probe=`` one, ``batching=`` YAML); each is stopped after the test."""
-    running: list[ServerThread] = []
+    with ServerPool() as pool:
 
-    def start(probe: SparsityProbe, batching: str = "{}") -> ServerThread:
-        small, large = (upstreams[name][1].url + "/v1" for name in ("small", "large"))
-        text = config(tiny_model_dir, tiny_calibration, small, large, batching=batching)
-        settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
-        server = ServerThread(create_app(settings, probe=probe)).start()
-        running.append(server)
-        return server
+        def start(probe: SparsityProbe, batching: str = "{}") -> ServerThread:
+            small, large = (upstreams[name][1].url + "/v1" for name in ("small", "large"))
+            text = config(tiny_model_dir, tiny_calibration, small, large, batching=batching)
+            settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
+            return pool.start(ServerThread(create_app(settings, probe=probe)))
 
-    try:
         yield start
-    finally:
-        for server in running:
-            server.stop()
 
 
 def metric(text: str, name: str, label: str) -> float:
@@ -115,8 +98,12 @@ def test_requests_that_waited_for_an_identical_probe_say_shared(
     assert states.count("shared") + states.count("hit") == 49
     text = httpx.get(gw.url + "/metrics", timeout=10).text
     for state in ("miss", "shared", "hit"):
-        assert metric(text, "router_probe_cache_total", state) == states.count(state), state
-        assert metric(text, "router_probe_seconds_count", state) == states.count(state), state
+        assert metric(text, "sparsity_router_probe_cache_total", state) == states.count(state), (
+            state
+        )
+        assert metric(text, "sparsity_router_probe_seconds_count", state) == states.count(state), (
+            state
+        )
 
 
 # -- item 8: bounded probe cost, deadlines, short prompts among long ones -------------------

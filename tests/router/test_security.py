@@ -122,7 +122,7 @@ def test_rate_limit_in_memory_answers_429_with_retry_after(make_gateway: MakeGat
     assert "alice" in err["message"] and "ka" not in err["message"].split()
     assert ask(gw, "kb").startswith("answer from small")  # bob has his own bucket
     metrics = httpx.get(gw.url + "/metrics", headers={"authorization": "Bearer km"}, timeout=10)
-    assert 'router_rate_limited_total{caller="alice"} 1.0' in metrics.text
+    assert 'sparsity_router_rate_limited_total{caller="alice"} 1.0' in metrics.text
 
 
 def test_rate_limit_on_redis_is_shared_between_gateways(

@@ -4,9 +4,6 @@ hit on the other."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,10 +12,9 @@ import httpx
 import openai
 import pytest
 
-from tests.cli.test_serve import ROOT, free_port
 from tests.redis_server import RedisServer
 from tests.router.conftest import gateway_yaml
-from tests.servers import FakeUpstream, ServerThread
+from tests.servers import FakeUpstream, ServerThread, start_serve, stop_serve, wait_ready
 
 
 @pytest.fixture
@@ -35,55 +31,17 @@ def config(
     return path
 
 
-def start_gateway(config: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise AssertionError(f"gateway exited during start-up:\n{out[-3000:]}")
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"gateway at {base} not ready in {timeout} s"
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    if proc.stdout:
-        proc.stdout.close()
-
-
 @pytest.fixture
 def two_gateways(config: Path) -> Iterator[tuple[str, str]]:
-    ports = free_port(), free_port()
-    procs = [start_gateway(config, port) for port in ports]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = [start_serve("--config", str(config), env=env) for _ in range(2)]
     try:
-        bases = tuple(f"http://127.0.0.1:{port}" for port in ports)
-        for proc, base in zip(procs, bases, strict=True):
+        for proc, base in started:
             wait_ready(proc, base)
-        yield bases[0], bases[1]
+        yield started[0][1], started[1][1]
     finally:
-        for proc in procs:
-            stop(proc)
+        for proc, _ in started:
+            stop_serve(proc)
 
 
 def route(base: str, prompt: str) -> httpx.Response:
@@ -107,7 +65,7 @@ def test_a_prompt_probed_by_one_gateway_is_a_hit_on_the_other(
     assert second.json()["decision"] == first.json()["decision"]
     assert route(one, "Another prompt entirely, never seen.").headers["x-router-cache"] == "miss"
     metrics = httpx.get(two + "/metrics", timeout=10).text
-    assert 'router_cache_lookups_total{result="hit",tier="redis"} 1.0' in metrics
+    assert 'sparsity_router_cache_lookups_total{result="hit",tier="redis"} 1.0' in metrics
 
 
 def test_requests_succeed_through_a_redis_outage(
@@ -140,4 +98,4 @@ def test_requests_succeed_through_a_redis_outage(
         assert time.monotonic() < deadline, "the Redis cache did not come back"
         time.sleep(0.2)
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
-    assert 'router_cache_lookups_total{result="error",tier="redis"}' in metrics
+    assert 'sparsity_router_cache_lookups_total{result="error",tier="redis"}' in metrics

@@ -71,3 +71,18 @@ def test_body_usage_and_request_helpers() -> None:
     asked = request_usage({"stream": True, "stream_options": {"x": 1}})
     assert asked == {"stream": True, "stream_options": {"x": 1, "include_usage": True}}
     assert request_usage({"stream_options": "bad"}) is None
+
+
+def test_responses_and_messages_usage_shapes_are_read() -> None:
+    responses = b'{"object": "response", "usage": {"input_tokens": 7, "output_tokens": 3}}'
+    assert usage_of_body(responses) == Usage(7, 3)
+    messages = b'{"type": "message", "usage": {"input_tokens": 11, "output_tokens": 2}}'
+    assert usage_of_body(messages) == Usage(11, 2)
+    tap = UsageTap(strip=False)
+    stream = (
+        b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta"}\n\n'
+        b'event: response.completed\ndata: {"type": "response.completed", "response": '
+        b'{"usage": {"input_tokens": 5, "output_tokens": 9}}}\n\n'
+    )
+    assert tap.feed(stream) == stream  # read, never changed
+    assert tap.usage == Usage(5, 9)

@@ -22,7 +22,7 @@ import anyio.to_thread
 
 from probes.model import LoadedModel
 from router.backends.base import Endpoint, UpstreamResult
-from router.backends.local.decoding import Decoder, Failed, Finished, GenerationEvent, TextPiece
+from router.backends.local.decoding import Decoder, Failed, Finished, TextPiece
 from router.backends.local.params import RequestParser, context_length
 from router.backends.local.worker import GenerationJob, JobRegistry
 from router.errors import UpstreamError, UpstreamStatus
@@ -108,8 +108,14 @@ class LocalBackend:
             raise UpstreamError(f"backend {self.name!r} is closed")
         if endpoint not in ("chat/completions", "completions"):
             raise UpstreamStatus(
-                404,
-                envelope(f"local backends do not serve /{endpoint}", "not_found_error"),
+                400,
+                envelope(
+                    f"the local backend {self.name!r} answers chat.completions and completions "
+                    f"only; route /v1/{endpoint} to an openai backend",
+                    "invalid_request_error",
+                    param=endpoint,
+                    code="unsupported_endpoint",
+                ),
                 "application/json",
             )
         # Tokenising a long prompt (chat template included) takes a while: off the event loop.
@@ -131,7 +137,7 @@ class LocalBackend:
             raise
         committed = False
         try:
-            first = await self._first_event(job)
+            first = await self._next_event(job)
             if stream:
                 result = self._stream_result(endpoint, job, first)
             else:
@@ -149,34 +155,26 @@ class LocalBackend:
             f"backend {self.name!r}: generation failed: {type(error).__name__}: {error}"
         )
 
-    def _ended(self) -> UpstreamError:
-        return UpstreamError(f"backend {self.name!r}: generation ended without a result")
-
-    async def _first_event(self, job: GenerationJob) -> GenerationEvent:
+    async def _next_event(
+        self, job: GenerationJob, ended: str = "ended without a result"
+    ) -> TextPiece | Finished:
+        """The job's next event; a failure, or the end of its events (``ended``), raises."""
         try:
             event = await job.receive.receive()
         except anyio.EndOfStream:
-            raise self._ended() from None
+            raise UpstreamError(f"backend {self.name!r}: generation {ended}") from None
         if isinstance(event, Failed):
             raise self._failed(event) from event.error
         return event
 
     async def _collect(
-        self, endpoint: Endpoint, job: GenerationJob, first: GenerationEvent
+        self, endpoint: Endpoint, job: GenerationJob, first: TextPiece | Finished
     ) -> UpstreamResult:
         pieces: list[str] = []
-        event: GenerationEvent = first
-        while True:
-            if isinstance(event, TextPiece):
-                pieces.append(event.text)
-            elif isinstance(event, Finished):
-                break
-            else:
-                raise self._failed(event) from event.error
-            try:
-                event = await job.receive.receive()
-            except anyio.EndOfStream:
-                raise self._ended() from None
+        event = first
+        while isinstance(event, TextPiece):
+            pieces.append(event.text)
+            event = await self._next_event(job)
         payload = completion(
             endpoint,
             id=completion_id(endpoint),
@@ -188,7 +186,7 @@ class LocalBackend:
         return UpstreamResult(200, "application/json", body=json_bytes(payload))
 
     def _stream_result(
-        self, endpoint: Endpoint, job: GenerationJob, first: GenerationEvent
+        self, endpoint: Endpoint, job: GenerationJob, first: TextPiece | Finished
     ) -> UpstreamResult:
         events = self._events(endpoint, job, first)
 
@@ -210,30 +208,20 @@ class LocalBackend:
         )
 
     async def _events(
-        self, endpoint: Endpoint, job: GenerationJob, first: GenerationEvent
+        self, endpoint: Endpoint, job: GenerationJob, first: TextPiece | Finished
     ) -> AsyncGenerator[bytes, None]:
         head = StreamHead.new(endpoint, self.model_name, usage_field=job.params.include_usage)
         try:
             if endpoint == "chat/completions":
                 yield sse_event(head.chunk("", role="assistant"))
-            event: GenerationEvent = first
-            while True:
-                if isinstance(event, TextPiece):
-                    yield sse_event(head.chunk(event.text))
-                elif isinstance(event, Finished):
-                    yield sse_event(head.chunk(None, event.reason))
-                    if head.usage_field:
-                        yield sse_event(head.usage_chunk(_usage(event)))
-                    break
-                else:
-                    raise self._failed(event) from event.error
-                try:
-                    event = await job.receive.receive()
-                except anyio.EndOfStream:
-                    # Stopped before finishing (closed from another task, or by aclose).
-                    raise UpstreamError(
-                        f"backend {self.name!r}: generation stopped before it finished"
-                    ) from None
+            event = first
+            while isinstance(event, TextPiece):
+                yield sse_event(head.chunk(event.text))
+                # the end of the events here: stopped (closed from another task, or by aclose)
+                event = await self._next_event(job, "stopped before it finished")
+            yield sse_event(head.chunk(None, event.reason))
+            if head.usage_field:
+                yield sse_event(head.usage_chunk(_usage(event)))
             yield SSE_DONE
         finally:
             await job.stop()
