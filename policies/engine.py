@@ -149,6 +149,17 @@ class _Rule:
     threshold: float | None  # share rules: the percentile threshold
     share: float | None  # share rules: the cumulative share
 
+    def decision(self, policy: str, why: list[str], *, probe_error: bool = False) -> Decision:
+        """This rule matched, for the reasons ``why``."""
+        return Decision(
+            backend=self.route,
+            fallbacks=self.fallbacks,
+            rule=self.name,
+            policy=policy,
+            reason=f"rule {self.name}: " + "; ".join(why),
+            probe_error=probe_error,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _Policy:
@@ -377,14 +388,7 @@ class PolicyEngine:
                 if probe_why is None:
                     continue
                 why += probe_why
-            return Decision(
-                backend=rule.route,
-                fallbacks=rule.fallbacks,
-                rule=rule.name,
-                policy=policy.name,
-                reason=f"rule {rule.name}: " + "; ".join(why),
-                probe_error=missing,
-            )
+            return rule.decision(policy.name, why, probe_error=missing)
         return Decision(
             backend=policy.default,
             fallbacks=policy.default_fallbacks,
@@ -404,13 +408,7 @@ class PolicyEngine:
             if rule.needs_probe:
                 cause = f"rule {rule.name} needs the probe"
                 break
-            return Decision(
-                backend=rule.route,
-                fallbacks=rule.fallbacks,
-                rule=rule.name,
-                policy=policy.name,
-                reason=f"rule {rule.name}: " + "; ".join(why),
-            )
+            return rule.decision(policy.name, why)
         return Decision(
             backend=policy.on_no_text,
             fallbacks=policy.on_no_text_fallbacks,

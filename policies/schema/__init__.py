@@ -36,6 +36,7 @@ from policies.schema.backends import (
     LocalBackend,
     OpenAIBackend,
     Price,
+    RoutableBackend,
     Timeouts,
 )
 from policies.schema.common import Loc, SchemaProblems, format_loc
@@ -102,6 +103,7 @@ __all__ = [
     "RateLimitSettings",
     "RedisCacheSettings",
     "ResponseFormat",
+    "RoutableBackend",
     "Rule",
     "SchemaProblems",
     "ServerSettings",

@@ -30,6 +30,7 @@ __all__ = [
     "LocalBackend",
     "OpenAIBackend",
     "Price",
+    "RoutableBackend",
     "Timeouts",
 ]
 
@@ -52,6 +53,21 @@ def _capabilities(v: Any) -> Any:
     if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
         return tuple(dict.fromkeys(v))
     return v
+
+
+class RoutableBackend(ConfigModel):
+    """What every backend type reads the same way: its ``fallback`` chain and its
+    ``capabilities``, each given as one name or a list (each type declares the fields)."""
+
+    @field_validator("fallback", mode="before", check_fields=False)
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return as_tuple(v)
+
+    @field_validator("capabilities", mode="before", check_fields=False)
+    @classmethod
+    def _capability_list(cls, v: Any) -> Any:
+        return _capabilities(v)
 
 
 class Timeouts(ConfigModel):
@@ -107,7 +123,7 @@ class Price(ConfigModel):
         ) / 1e6
 
 
-class OpenAIBackend(ConfigModel):
+class OpenAIBackend(RoutableBackend):
     """An OpenAI-compatible server (vLLM, TGI, llama.cpp, OpenAI itself) behind one or more URLs.
 
     Each ``base_urls`` entry may hold several URLs separated by commas or spaces, so that one
@@ -193,11 +209,6 @@ class OpenAIBackend(ConfigModel):
     def _one_or_many(cls, v: Any) -> Any:
         return as_tuple(v)
 
-    @field_validator("capabilities", mode="before")
-    @classmethod
-    def _capability_list(cls, v: Any) -> Any:
-        return _capabilities(v)
-
     @field_validator("retry_on", mode="before")
     @classmethod
     def _one_status(cls, v: Any) -> Any:
@@ -209,7 +220,7 @@ class OpenAIBackend(ConfigModel):
         return tuple(dict.fromkeys(v))
 
 
-class LocalBackend(ConfigModel):
+class LocalBackend(RoutableBackend):
     """A model run in-process by the gateway (the embedded default's small model)."""
 
     type: Literal["local"] = Field(description="local")
@@ -230,16 +241,6 @@ class LocalBackend(ConfigModel):
         "response_format and reads text parts only)",
     )
 
-    @field_validator("fallback", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return as_tuple(v)
-
-    @field_validator("capabilities", mode="before")
-    @classmethod
-    def _capability_list(cls, v: Any) -> Any:
-        return _capabilities(v)
-
     @field_validator("capabilities")
     @classmethod
     def _served_locally(cls, v: tuple[Capability, ...]) -> tuple[Capability, ...]:
@@ -251,7 +252,7 @@ class LocalBackend(ConfigModel):
         return v
 
 
-class HumanBackend(ConfigModel):
+class HumanBackend(RoutableBackend):
     """Escalation to a human reviewer (the ``escalation:`` section configures the queue).
 
     ``mode: ticket`` answers at once with ``ticket_message`` (``{id}`` is the escalation id) and
@@ -287,16 +288,6 @@ class HumanBackend(ConfigModel):
     capabilities: tuple[Capability, ...] = Field(
         CAPABILITIES, description=_CAPABILITIES + "; default: all (a person reads anything)"
     )
-
-    @field_validator("fallback", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return as_tuple(v)
-
-    @field_validator("capabilities", mode="before")
-    @classmethod
-    def _capability_list(cls, v: Any) -> Any:
-        return _capabilities(v)
 
     @field_validator("ticket_message")
     @classmethod

@@ -7,11 +7,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from policies.loader import parse_settings
+from probes.answers import answer_input
 from probes.calibration import Calibration
 from probes.probe import SparsityProbe
+from probes.supervised import LENGTH_FEATURE, SupervisedModel
 from router.app import create_app
 from tests.servers import FakeUpstream, ServerPool, ServerThread
 
@@ -148,3 +151,35 @@ def make_gateway(
         return serve_yaml(gateway_yaml(tiny_model_dir, tiny_calibration, upstreams, **kwargs))
 
     return make
+
+
+#: What the fake small model answers: briefly (the small model was fine) or at length (the
+#: large one does better), for the answer calibrations of the cascade tests.
+SHORT_ANSWER = "Yes."
+LONG_ANSWER = " ".join(["I am not sure, let me think about this step by step once more."] * 6)
+
+
+def fit_answer_calibration(tiny_probe: SparsityProbe, path: Path) -> SupervisedModel:
+    """An answer calibration saved at ``path``: P(large does better) rises with the length of
+    prompt + answer, fitted on the reference prompts answered briefly or at length."""
+    probe = SparsityProbe(
+        tiny_probe.settings.model_copy(update={"layers": (1,)}), loaded=tiny_probe.loaded
+    )
+    inputs = [
+        answer_input(
+            "chat/completions",
+            [{"role": "user", "content": p}],
+            LONG_ANSWER if i % 2 else SHORT_ANSWER,
+        )
+        for i, p in enumerate(REFERENCE)
+    ]
+    results = probe.measure(inputs)
+    X = np.log([[r.n_tokens] for r in results])
+    y = np.arange(len(results)) % 2 == 1
+    model = SupervisedModel.fit(X, y, (LENGTH_FEATURE,), l2=1.0).model_copy(
+        update={"reads": "answer"}
+    )
+    Calibration.fit(results, probe.fingerprint(), min_per_bucket=16).model_copy(
+        update={"supervised": model}
+    ).save(path)
+    return model

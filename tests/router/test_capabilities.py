@@ -12,21 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
 from policies.loader import parse_settings
-from probes.answers import answer_input
-from probes.calibration import Calibration
 from probes.probe import SparsityProbe
-from probes.supervised import LENGTH_FEATURE, SupervisedModel
 from router.app import create_app
 from router.backends.base import Endpoint
 from router.requests import ParsedRequest, parse_request
-from tests.router.conftest import REFERENCE
+from tests.router.conftest import LONG_ANSWER, SHORT_ANSWER, fit_answer_calibration
 from tests.servers import FakeUpstream, ServerThread
 
 Upstreams = dict[str, tuple[FakeUpstream, ServerThread]]
@@ -303,8 +299,7 @@ def test_malformed_shape_fields_are_422(gateway: ServerThread) -> None:
 
 # -- cascades --------------------------------------------------------------------------------
 
-SHORT = "Yes."
-LONG = " ".join(["I am not sure, let me think about this step by step once more."] * 6)
+SHORT, LONG = SHORT_ANSWER, LONG_ANSWER
 
 CASCADE = """
 probe: {{model: "{model}", layers: [1], timeout_s: 10}}
@@ -322,25 +317,9 @@ policies:
 
 @pytest.fixture(scope="module")
 def answer_calibration(tiny_probe: SparsityProbe, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """P(large does better) rising with the length of prompt + answer (as in
-    test_cascade_gateway.py): a LONG answer escalates, a SHORT one is kept."""
-    probe = SparsityProbe(
-        tiny_probe.settings.model_copy(update={"layers": (1,)}), loaded=tiny_probe.loaded
-    )
-    inputs = [
-        answer_input("chat/completions", [{"role": "user", "content": p}], LONG if i % 2 else SHORT)
-        for i, p in enumerate(REFERENCE)
-    ]
-    results = probe.measure(inputs)
-    X = np.log([[r.n_tokens] for r in results])
-    y = np.arange(len(results)) % 2 == 1
-    model = SupervisedModel.fit(X, y, (LENGTH_FEATURE,), l2=1.0).model_copy(
-        update={"reads": "answer"}
-    )
+    """A LONG answer escalates, a SHORT one is kept (as in test_cascade_gateway.py)."""
     path = tmp_path_factory.mktemp("answers") / "answers.json"
-    Calibration.fit(results, probe.fingerprint(), min_per_bucket=16).model_copy(
-        update={"supervised": model}
-    ).save(path)
+    fit_answer_calibration(tiny_probe, path)
     return path
 
 

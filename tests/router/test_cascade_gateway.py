@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
@@ -22,14 +21,13 @@ from probes.answers import answer_input
 from probes.calibration import Calibration
 from probes.errors import CalibrationError
 from probes.probe import SparsityProbe
-from probes.supervised import LENGTH_FEATURE, SupervisedModel
+from probes.supervised import SupervisedModel
 from router.app import create_app
 from router.state import build_state
-from tests.router.conftest import REFERENCE
+from tests.router.conftest import LONG_ANSWER, SHORT_ANSWER, fit_answer_calibration
 from tests.servers import FakeUpstream, ServerThread
 
-SHORT = "Yes."
-LONG = " ".join(["I am not sure, let me think about this step by step once more."] * 6)
+SHORT, LONG = SHORT_ANSWER, LONG_ANSWER
 
 CONFIG = """
 probe:
@@ -67,26 +65,9 @@ def reply(body: dict[str, Any]) -> str:
 
 @pytest.fixture
 def answer_calibration(tiny_probe: SparsityProbe, tmp_path: Path) -> tuple[Path, SupervisedModel]:
-    """An answer calibration: P(large does better) rises with the length of prompt + answer,
-    fitted on reference prompts answered briefly (small fine) or at length (large better)."""
-    probe = SparsityProbe(
-        tiny_probe.settings.model_copy(update={"layers": (1,)}), loaded=tiny_probe.loaded
-    )
-    inputs = [
-        answer_input("chat/completions", [{"role": "user", "content": p}], LONG if i % 2 else SHORT)
-        for i, p in enumerate(REFERENCE)
-    ]
-    results = probe.measure(inputs)
-    X = np.log([[r.n_tokens] for r in results])
-    y = np.arange(len(results)) % 2 == 1
-    model = SupervisedModel.fit(X, y, (LENGTH_FEATURE,), l2=1.0).model_copy(
-        update={"reads": "answer"}
-    )
+    """An answer calibration: P(large does better) rises with the length of prompt + answer."""
     path = tmp_path / "answers.json"
-    Calibration.fit(results, probe.fingerprint(), min_per_bucket=16).model_copy(
-        update={"supervised": model}
-    ).save(path)
-    return path, model
+    return path, fit_answer_calibration(tiny_probe, path)
 
 
 def settings_for(
