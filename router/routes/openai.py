@@ -77,13 +77,6 @@ __all__ = ["CompletionsEndpoint", "RouteEndpoint"]
 logger = logging.getLogger(__name__)
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
-
-
 def _context(scope: Scope, parsed: ParsedRequest) -> RequestContext:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     return RequestContext(
