@@ -50,8 +50,10 @@ node-sdk:
 			echo "npm ci failed: the Node SDK test will skip"; \
 	fi
 
+# One OpenBLAS thread: the suite runs gateways (torch threads) beside numpy fits, and OpenBLAS's
+# spinning threads slow a loaded 2-core box by up to ~65x (docs/benchmarks.md).
 test: lint vllm-venv chromium node-sdk
-	$(BIN)/python -m pytest -q
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 serve: setup
 	$(BIN)/sparsity-router serve

@@ -7,6 +7,13 @@ gateway's RSS at the start (after warm-up) and at the end, and the growth in per
 
     python bench/soak.py                      # 5 minutes at 40 req/s, half streaming
     python bench/soak.py --duration 30 --rate 20
+    python bench/soak.py --full --labelling   # labelling off vs on (sample 0.02), same run
+
+With ``--labelling`` two gateways run the ``--full`` path side by side, one with labelling off
+and one with ``labelling: {sample: 0.02}`` (shadow calls and a judge on the same fake upstream,
+whose judge answers carry a verdict); the load alternates between them in four phases (off, on,
+off, on) so that drift on the machine falls on both, and the p50/p99 of each and the ratio
+on/off are printed with the labelling counters of /metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import time
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 import uvicorn
 
@@ -49,6 +57,8 @@ async def fake_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     body = await receive_body(receive)
     request = json.loads(body or b"{}")
+    judged = "[The Start of Assistant" in json.dumps(request.get("messages", ""))
+    answer = "Both are fine; A is a little clearer. [[A]]" if judged else "soak answer " * 8
     if not request.get("stream"):
         payload = {
             "id": "cmpl-soak",
@@ -58,7 +68,7 @@ async def fake_upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "soak answer " * 8},
+                    "message": {"role": "assistant", "content": answer},
                     "finish_reason": "stop",
                 }
             ],
@@ -139,7 +149,7 @@ policies:
 # `user`, and every request recorded to SQLite (checked against the requests sent at the end).
 FULL_CONFIG = """
 auth:
-  keys: [{{key: soak-key, name: soak}}]
+  keys: [{{key: soak-key, name: soak}}, {{key: soak-metrics, name: metrics, scope: metrics}}]
   rate_limit: {{requests_per_s: 10000, burst: 10000}}
 probe: {{prefix_cache: true, timeout_s: 5}}
 calibration: {{path: "{calibration}"}}
@@ -169,10 +179,25 @@ experiments:
 events: {{sink: sqlite, path: "{events}"}}
 """
 
+# --labelling: the full path plus the gateway labelling 2% of its traffic (the judge is the
+# large backend, here the same fake upstream)
+LABELLING = """
+labelling:
+  enabled: true
+  sample: 0.02
+  small: small
+  large: large
+  judge: large
+  max_shadow_per_s: 5
+  queue: 100
+  store_text: true
+"""
+
 
 def start_gateway(
-    upstream_url: str, workdir: Path, full: bool = False
+    upstream_url: str, workdir: Path, full: bool = False, labelling: bool = False
 ) -> tuple[subprocess.Popen[bytes], str]:
+    workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "soak.yaml"
     if full:
         config.write_text(
@@ -181,6 +206,7 @@ def start_gateway(
                 calibration=ROOT / "config" / "calibration" / "default.json",
                 events=workdir / "events.sqlite",
             )
+            + (LABELLING if labelling else "")
         )
     else:
         config.write_text(CONFIG.format(url=upstream_url))
@@ -300,7 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the whole path: probe, calibration, share rules, an A/B experiment, SQLite events",
     )
+    parser.add_argument(
+        "--labelling",
+        action="store_true",
+        help="the full path with labelling off vs on (sample 0.02), alternating phases",
+    )
     args = parser.parse_args(argv)
+    if args.labelling:
+        return labelling_ab(args)
 
     upstream, thread, upstream_url = start_upstream()
     events_summary = ""
@@ -313,13 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             windows = asyncio.run(load(url, args.rate, args.duration, args.window))
             rss_end = gateway.memory_info().rss
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            upstream.should_exit = True
-            thread.join(timeout=10)
+            stop([proc], upstream, thread)
         if args.full:  # after a clean shutdown every request has its event
             sent = len(range(int(args.warmup * args.rate))) + total_sent(windows)
             events_summary = summarise_events(Path(tmp) / "events.sqlite", sent)
@@ -345,6 +372,72 @@ def main(argv: list[str] | None = None) -> int:
     if events_summary:
         print(events_summary)
     return 0 if errors == 0 and "MISSING" not in events_summary else 1
+
+
+def stop(
+    procs: list[subprocess.Popen[bytes]], upstream: uvicorn.Server, thread: threading.Thread
+) -> None:
+    """Stop the gateway processes (SIGTERM, then SIGKILL after 15 s) and the fake upstream."""
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    upstream.should_exit = True
+    thread.join(timeout=10)
+
+
+def labelling_ab(args: argparse.Namespace) -> int:
+    """Labelling off vs on: two full-path gateways, the load alternating between them."""
+    upstream, thread, upstream_url = start_upstream()
+    latencies: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        gateways = {
+            name: start_gateway(upstream_url, Path(tmp) / name, full=True, labelling=name == "on")
+            for name in ("off", "on")
+        }
+        try:
+            for _, url in gateways.values():
+                asyncio.run(load(url, args.rate, args.warmup, args.warmup))
+            phase = args.duration / 4
+            for name in ("off", "on", "off", "on"):
+                url = gateways[name][1]
+                latencies[name] += asyncio.run(load(url, args.rate, phase, phase))
+            metrics = httpx.get(
+                gateways["on"][1] + "/metrics",
+                headers={"authorization": "Bearer soak-metrics"},
+                timeout=5,
+            ).text
+        finally:
+            stop([proc for proc, _ in gateways.values()], upstream, thread)
+    print(
+        f"soak, labelling off vs on: {args.duration:.0f} s at {args.rate:g} req/s in four "
+        "alternating phases (off, on, off, on), full path, half streaming"
+    )
+    summary = {}
+    for name, windows in latencies.items():
+        n = sum(w["requests"] for w in windows)
+        errors = sum(w["errors"] for w in windows)
+        p50 = float(np.mean([w["p50_ms"] for w in windows]))
+        p99 = float(np.mean([w["p99_ms"] for w in windows]))
+        summary[name] = (n, errors, p50, p99)
+        print(
+            f"labelling {name:>3}: {n} requests, {errors} errors, "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+        )
+    ratio = summary["on"][2] / summary["off"][2]
+    p99_ratio = summary["on"][3] / summary["off"][3]
+    print(f"p50 on/off {ratio:.3f} (target <= 1.01), p99 on/off {p99_ratio:.3f}")
+    for line in metrics.splitlines():
+        if (
+            line.startswith(
+                ("sparsity_router_shadow", "sparsity_router_judge", "sparsity_router_labels")
+            )
+            and "_created" not in line
+        ):
+            print("  " + line)
+    return 0 if summary["on"][1] == 0 and summary["off"][1] == 0 else 1
 
 
 def total_sent(windows: list[dict[str, Any]]) -> int:

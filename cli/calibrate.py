@@ -1,6 +1,8 @@
 """``sparsity-router calibrate --reference F --out calib.json [--plot calib.png]``: fit a
 calibration (score percentiles per length bucket) on reference prompts; with ``--labels F`` also
-a supervised P(large model does better) model (:mod:`evaluation.supervised`).
+a supervised P(large model does better) model (:mod:`evaluation.supervised`); with ``--labels F
+--models a,b,c [--cost a=0.2,...]`` instead each model's expected quality for N-way routing
+(``best_of`` rules, :mod:`cli.nway`).
 
 ``calibrate --labels`` probes the labelled prompts at every layer through the feature cache
 (:func:`evaluation.tables.feature_table`), so after ``eval`` on the same prompts it probes
@@ -16,11 +18,13 @@ import math
 import os
 from typing import Any
 
+from cli.nway import add_nway_options, run_nway_labels
 from cli.options import (
     add_input_options,
     add_label_options,
     add_probe_options,
     build_probe,
+    feature_list,
     positive_int,
     read_input_file,
     read_labels,
@@ -37,10 +41,6 @@ from probes.errors import CalibrationError
 from probes.plots import plot_calibration
 
 __all__ = ["register", "run", "run_labels"]
-
-
-def _feature_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def register(subparsers: Any) -> None:
@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
     add_label_options(parser, flag="--labels", required=False)
     parser.add_argument(
         "--features",
-        type=_feature_list,
+        type=feature_list,
         metavar="LIST",
         help="with --labels: the supervised model's features, e.g. L10.gini.last,L28.top1_energy"
         ".mean,log_tokens (default: evaluation.recipes.default_recipe: supervised_features, or "
@@ -93,6 +93,7 @@ def register(subparsers: Any) -> None:
         metavar="K",
         help="with --labels: labelled prompts averaged per neighbour vote (default 50)",
     )
+    add_nway_options(parser)
     add_probe_options(parser)
     parser.set_defaults(handler=run)
 
@@ -106,6 +107,15 @@ def run(args: argparse.Namespace) -> int:
         )
     if os.path.isdir(args.out):
         raise CalibrationError(f"--out {args.out} is a directory. Fix: give a file name")
+    if args.outcomes and args.models:
+        return _write_calibration(run_nway_labels(args), args)
+    if args.models or args.cost or args.cost_column:
+        if not args.outcomes:
+            raise CalibrationError(
+                "--models, --cost and --cost-column fit an N-way model on labelled prompts. Fix: "
+                "give --labels FILE with each model's results"
+            )
+        raise CalibrationError("--cost and --cost-column need --models a,b,c")
     if args.outcomes:
         return _write_calibration(run_labels(args), args)
     if not args.reference:

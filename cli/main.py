@@ -14,6 +14,9 @@ sets ``handler`` (``Namespace -> exit status``); :data:`COMMANDS` lists them:
     Compare the arms of an A/B experiment from the event records.
 ``sparsity-router eval --data F`` (:mod:`cli.eval`)
     Score the configured router and baselines on outcome data.
+``sparsity-router learn --events F --out candidate.json [--promote swap]`` (:mod:`cli.learn`)
+    Refit the supervised calibration on the labels the gateway collected; compare it with the
+    one serving on held-back labels; promote it.
 
 ``probe``, ``calibrate`` and ``eval`` take the probe options (``--model``, ``--layers``,
 ``--metric``, ``--layer``, ...; :mod:`cli.options`). Every :class:`~probes.errors.RouterError`
@@ -31,7 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cli import calibrate, check, experiments, probe, serve
+from cli import calibrate, check, experiments, learn, nway, probe, serve
 from cli import eval as eval_command
 from cli.options import EXIT_USAGE, Handler
 from probes.errors import RouterError
@@ -46,6 +49,8 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
     calibrate.register,
     experiments.register,
     eval_command.register,
+    nway.register,
+    learn.register,
 )
 
 

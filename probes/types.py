@@ -168,6 +168,9 @@ class ProbeResult:
     p_large: float | None = None  # P(large model does better), from a supervised calibration
     # settings.state_layers: "L30.last" / "L30.mean" -> the pooled hidden vector (float32 values)
     states: Mapping[str, tuple[float, ...]] | None = None
+    # N-way routing (best_of rules): model -> (its predicted quality in [0, 1], its cost in the
+    # unit of the calibration's N-way model), from a calibration's N-way model
+    qualities: Mapping[str, tuple[float, float]] | None = None
 
     def value(self, layer: int, name: str, position: Position = "last") -> float:
         table = self.metrics if position == "last" else self.metrics_mean

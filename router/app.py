@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from policies.schema import Settings
 from probes.probe import SparsityProbe
 from router.escalations.routes import escalation_routes
+from router.labelling import Labeller
 from router.openapi import openapi_endpoint
 from router.routes import admin
 from router.routes.feedback import FeedbackEndpoint
@@ -170,11 +171,13 @@ def create_app(
     config_path: str | Path | None = None,
     freeze_gc: bool = False,
     span_exporter: SpanExporter | None = None,
+    labelling_seed: int | None = None,
 ) -> GatewayApp:
     """Build the gateway. ``probe`` lets a caller share an already loaded probe (tests, CLI);
     ``config_path`` is the file ``SIGHUP`` and ``POST /admin/reload`` re-read;
     ``span_exporter`` (an OpenTelemetry ``SpanExporter``) receives every span as it ends in
-    place of the configured exporter when ``tracing.enabled`` (tests: ``InMemorySpanExporter``).
+    place of the configured exporter when ``tracing.enabled`` (tests: ``InMemorySpanExporter``);
+    ``labelling_seed`` seeds the labeller's sampling (``labelling.sample``; tests).
 
     ``freeze_gc`` (for the process that owns the gateway: ``run_server``, the benchmarks): once
     started, collect and then ``gc.freeze()`` everything loaded so far, so that the cyclic
@@ -196,6 +199,15 @@ def create_app(
         sighup = config_path is not None and _install_sighup(app)
         if state.escalations is not None:
             await state.escalations.start()
+        if settings.labelling.enabled:  # router/labelling: shadow calls and the judge
+            state.labeller = Labeller(
+                settings.labelling,
+                backends=state.backends,
+                events=state.events,
+                metrics=state.metrics,
+                seed=labelling_seed,
+            )
+            await state.labeller.start()
         if freeze_gc:
             gc.collect()
             gc.freeze()
@@ -209,6 +221,8 @@ def create_app(
         finally:
             if sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            if state.labeller is not None:  # before the backends it calls are closed
+                await state.labeller.aclose()
             await app.state.gateway.aclose()
 
     chat, completions = CompletionsEndpoint("chat/completions"), CompletionsEndpoint("completions")

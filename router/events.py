@@ -4,12 +4,21 @@ Two kinds of event, frozen dataclasses:
 
 - :class:`RequestEvent` (kind ``request``): one per completions request: ``request_id, time,
   endpoint, model, stream, experiment, arm, policy, rule, backend, score, percentile, cache,
-  latency_s, ttft_s, prompt_tokens, completion_tokens, status, cost, cascade, answer_p_large``
-  (unknown values are None; ``cascade``: kept / escalated / skipped / escalation_failed when a
-  policy's cascade checked the answer, whose P is ``answer_p_large``; an escalated request's
-  cost includes the checked answer's);
+  latency_s, ttft_s, prompt_tokens, completion_tokens, status, cost, cascade, answer_p_large,
+  calibration`` (unknown values are None; ``cascade``: kept / escalated / skipped /
+  escalation_failed when a policy's cascade checked the answer, whose P is ``answer_p_large``;
+  an escalated request's cost includes the checked answer's; ``calibration``: the id of the
+  calibration that routed it, an experiment arm's own when it has one);
 - :class:`FeedbackEvent` (kind ``feedback``): ``request_id, time, score, label`` (from
-  ``POST /v1/feedback``).
+  ``POST /v1/feedback``);
+- :class:`LabelEvent` (kind ``label``): a label the gateway collected for one of its own
+  requests (router/labelling/): ``request_id, time, model, policy, answered_by, small_backend,
+  large_backend, judge, source, large_better, verdicts, calibration, score, p_large, input,
+  small_answer, large_answer``. ``source`` is ``judge`` (a judge backend compared both answers),
+  ``reference`` (both answers checked against the request's known answer) or ``feedback``;
+  ``large_better`` is 1.0 (the large answer is better), 0.5 (a tie) or 0.0; ``verdicts`` are
+  the judge's raw outputs; ``input`` (what the probe read: the prompt text or the chat
+  messages) and the answers are None unless ``labelling.store_text`` is on.
 
 Sinks store *records*, the events as plain JSON-able dicts with a ``kind``
 (:meth:`RequestEvent.to_record`). Reading goes the other way: :meth:`RequestEvent.from_record`
@@ -20,9 +29,14 @@ The request path calls :meth:`EventLog.record` with an event, a non-blocking ``p
 a bounded queue; one writer thread takes batches off it (waiting ``linger_s`` after the first
 event of a batch so that a batch can gather) and hands their records to the sink:
 
-- :class:`SQLiteSink`: tables ``requests`` and ``feedback`` in a WAL-mode file;
-- :class:`JSONLSink`: one JSON object per line, appended;
-- :class:`RedisStreamSink`: ``XADD stream MAXLEN ~ max_len * kind <kind> data <json>``.
+- :class:`SQLiteSink`: tables ``requests``, ``feedback`` and ``labels`` in a WAL-mode file
+  (a label's ``verdicts`` and ``input`` are stored as JSON text and decoded on reading); with
+  ``label_retention_s`` set, labels older than that are deleted on a write, at most once a
+  minute;
+- :class:`JSONLSink`: one JSON object per line, appended (append-only: label retention is not
+  applied; rotate or trim the file yourself);
+- :class:`RedisStreamSink`: ``XADD stream MAXLEN ~ max_len * kind <kind> data <json>`` (the
+  stream's ``MAXLEN`` is its only retention).
 
 A full queue or a failing sink drops records: they are counted in ``sparsity_router_events_dropped``
 (by reason) and logged once per outage, never raised into a request. ``close()`` drains the
@@ -37,6 +51,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +61,14 @@ import redis
 
 __all__ = [
     "FEEDBACK_FIELDS",
+    "LABEL_FIELDS",
     "REQUEST_FIELDS",
     "Event",
     "EventLog",
     "EventSink",
     "FeedbackEvent",
     "JSONLSink",
+    "LabelEvent",
     "Record",
     "RedisStreamSink",
     "RequestEvent",
@@ -88,8 +105,31 @@ REQUEST_FIELDS: dict[str, str] = {
     "cost": "REAL",
     "cascade": "TEXT",
     "answer_p_large": "REAL",
+    "calibration": "TEXT",
 }
 FEEDBACK_FIELDS: tuple[str, ...] = ("request_id", "time", "score", "label")
+#: Column -> SQLite type of a ``label`` record (``verdicts`` and ``input`` hold JSON text).
+LABEL_FIELDS: dict[str, str] = {
+    "request_id": "TEXT",
+    "time": "REAL",
+    "model": "TEXT",
+    "policy": "TEXT",
+    "answered_by": "TEXT",
+    "small_backend": "TEXT",
+    "large_backend": "TEXT",
+    "judge": "TEXT",
+    "source": "TEXT",
+    "large_better": "REAL",
+    "verdicts": "TEXT",
+    "calibration": "TEXT",
+    "score": "REAL",
+    "p_large": "REAL",
+    "input": "TEXT",
+    "small_answer": "TEXT",
+    "large_answer": "TEXT",
+}
+_LABEL_JSON = ("verdicts", "input")  # stored as JSON text in SQLite
+_RETENTION_EVERY_S = 60.0  # the SQLite sink deletes expired labels at most this often
 
 
 def _text(record: Mapping[str, Any], name: str) -> str | None:
@@ -154,6 +194,7 @@ class RequestEvent:
     cost: float | None = None
     cascade: str | None = None
     answer_p_large: float | None = None
+    calibration: str | None = None  # the id of the prompt calibration that routed it
 
     def to_record(self) -> Record:
         """The record the sinks store: ``kind`` then every field of :data:`REQUEST_FIELDS`."""
@@ -186,6 +227,7 @@ class RequestEvent:
             cost=_real(record, "cost"),
             cascade=_text(record, "cascade"),
             answer_p_large=_real(record, "answer_p_large"),
+            calibration=_text(record, "calibration"),
         )
 
 
@@ -215,7 +257,98 @@ class FeedbackEvent:
         )
 
 
-Event = RequestEvent | FeedbackEvent
+def _required_real(record: Mapping[str, Any], name: str) -> float:
+    value = _real(record, name)
+    if value is None:
+        raise ValueError(f"a label record without {name}: {dict(record)!r}")
+    return value
+
+
+def _verdicts(record: Mapping[str, Any]) -> tuple[str, ...]:
+    value = record.get("verdicts")
+    if value is None:
+        return ()
+    if isinstance(value, str):  # JSON text (a SQLite column read without decoding)
+        value = json.loads(value)
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"event field 'verdicts' is not a list: {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _input(record: Mapping[str, Any]) -> str | list[dict[str, Any]] | None:
+    value = record.get("input")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return [dict(m) for m in value]
+    raise ValueError(f"event field 'input' is neither text nor a list of messages: {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabelEvent:
+    """A label for one of the gateway's own requests: is the large backend's answer better?
+
+    ``large_better`` is 1.0 (large better), 0.5 (tie or the judge's two verdicts disagree) or
+    0.0 (small better); ``source`` says where it came from (``judge``, ``reference`` or
+    ``feedback``). ``input``, ``small_answer`` and ``large_answer`` are kept only with
+    ``labelling.store_text`` (after ``labelling.redact``).
+    """
+
+    kind: ClassVar[Literal["label"]] = "label"
+
+    request_id: str
+    time: float
+    model: str | None = None
+    policy: str | None = None
+    answered_by: str | None = None
+    small_backend: str | None = None
+    large_backend: str | None = None
+    judge: str | None = None
+    source: str = "judge"
+    large_better: float
+    verdicts: tuple[str, ...] = ()
+    calibration: str | None = None
+    score: float | None = None
+    p_large: float | None = None
+    input: str | list[dict[str, Any]] | None = None
+    small_answer: str | None = None
+    large_answer: str | None = None
+
+    def to_record(self) -> Record:
+        """The record the sinks store: ``kind`` then every field of :data:`LABEL_FIELDS`
+        (``verdicts`` as a list, JSON-able)."""
+        record: Record = {"kind": self.kind}
+        for name in LABEL_FIELDS:
+            value = getattr(self, name)
+            record[name] = list(value) if name == "verdicts" else value
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> LabelEvent:
+        """A ``label`` record read back from a sink (optional fields it lacks are None).
+        ValueError without ``request_id``, ``time`` or ``large_better``, or with a field of
+        the wrong type."""
+        return cls(**{name: read(record, name) for name, read in _LABEL_READERS.items()})
+
+
+#: How each field of a ``label`` record is read back (see :meth:`LabelEvent.from_record`).
+_LABEL_READERS: dict[str, Callable[[Mapping[str, Any], str], Any]] = {
+    "request_id": lambda record, _name: _request_id(record),
+    "time": _required_real,
+    **dict.fromkeys(("model", "policy", "answered_by", "small_backend"), _text),
+    **dict.fromkeys(("large_backend", "judge", "calibration"), _text),
+    "source": lambda record, name: _text(record, name) or "judge",
+    "large_better": _required_real,
+    "verdicts": lambda record, _name: _verdicts(record),
+    "score": _real,
+    "p_large": _real,
+    "input": lambda record, _name: _input(record),
+    "small_answer": _text,
+    "large_answer": _text,
+}
+
+
+Event = RequestEvent | FeedbackEvent | LabelEvent
 
 
 def event_from_record(record: Mapping[str, Any]) -> Event | None:
@@ -225,6 +358,8 @@ def event_from_record(record: Mapping[str, Any]) -> Event | None:
         return RequestEvent.from_record(record)
     if kind == FeedbackEvent.kind:
         return FeedbackEvent.from_record(record)
+    if kind == LabelEvent.kind:
+        return LabelEvent.from_record(record)
     return None
 
 
@@ -253,10 +388,14 @@ class EventSink(Protocol):
 
 
 class SQLiteSink:
-    """Tables ``requests`` (one row per request) and ``feedback`` in one SQLite file (WAL)."""
+    """Tables ``requests`` (one row per request), ``feedback`` and ``labels`` in one SQLite
+    file (WAL). With ``label_retention_s``, labels older than that many seconds are deleted
+    by a write, at most once a minute."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, label_retention_s: float | None = None) -> None:
         self.path = Path(path)
+        self.label_retention_s = label_retention_s
+        self._purged_at = float("-inf")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Used by the writer thread only (created here so a bad path fails at start-up).
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -273,6 +412,19 @@ class SQLiteSink:
             "request_id TEXT, time REAL, score REAL, label TEXT)"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id)")
+        columns = ", ".join(f"{name} {kind}" for name, kind in LABEL_FIELDS.items())
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS labels (id INTEGER PRIMARY KEY AUTOINCREMENT, {columns})"
+        )
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(labels)")}
+        for name, kind in LABEL_FIELDS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE labels ADD COLUMN {name} {kind}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS labels_time ON labels(time)")
+        self._insert_label = (
+            f"INSERT INTO labels ({', '.join(LABEL_FIELDS)}) "
+            f"VALUES ({', '.join('?' for _ in LABEL_FIELDS)})"
+        )
         self._insert_request = (
             f"INSERT OR REPLACE INTO requests ({', '.join(REQUEST_FIELDS)}) "
             f"VALUES ({', '.join('?' for _ in REQUEST_FIELDS)})"
@@ -287,6 +439,18 @@ class SQLiteSink:
             for r in records
             if r["kind"] == "feedback"
         ]
+        labels = [
+            tuple(
+                json.dumps(r.get(name))
+                if name in _LABEL_JSON and r.get(name) is not None
+                else r.get(name)
+                for name in LABEL_FIELDS
+            )
+            for r in records
+            if r["kind"] == "label"
+        ]
+        now = time.time()
+        purge = self.label_retention_s is not None and now - self._purged_at >= _RETENTION_EVERY_S
         with self._db:  # one transaction per batch
             self._db.execute("BEGIN")
             if requests:
@@ -296,6 +460,15 @@ class SQLiteSink:
                     "INSERT INTO feedback (request_id, time, score, label) VALUES (?, ?, ?, ?)",
                     feedback,
                 )
+            if labels:
+                self._db.executemany(self._insert_label, labels)
+            if purge:
+                assert self.label_retention_s is not None
+                self._db.execute(
+                    "DELETE FROM labels WHERE time < ?", (now - self.label_retention_s,)
+                )
+        if purge:
+            self._purged_at = now
 
     def _reader(self) -> sqlite3.Connection:
         db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
@@ -314,6 +487,12 @@ class SQLiteSink:
             for row in db.execute("SELECT * FROM feedback ORDER BY id"):
                 out = {k: row[k] for k in FEEDBACK_FIELDS}
                 yield {"kind": "feedback", **out}
+            for row in db.execute("SELECT * FROM labels ORDER BY id"):
+                label = {k: row[k] for k in LABEL_FIELDS}
+                for name in _LABEL_JSON:
+                    if label[name] is not None:
+                        label[name] = json.loads(label[name])
+                yield {"kind": "label", **label}
 
     def close(self) -> None:
         self._db.close()
@@ -382,11 +561,18 @@ class RedisStreamSink:
 
 
 def open_sink(
-    kind: str, *, path: Path, redis_url: str | None, stream: str, max_len: int
+    kind: str,
+    *,
+    path: Path,
+    redis_url: str | None,
+    stream: str,
+    max_len: int,
+    label_retention_s: float | None = None,
 ) -> EventSink:
-    """The sink named by ``events.sink`` (``path`` already resolved)."""
+    """The sink named by ``events.sink`` (``path`` already resolved). ``label_retention_s``
+    applies to the SQLite sink only (see :class:`SQLiteSink`)."""
     if kind == "sqlite":
-        return SQLiteSink(path)
+        return SQLiteSink(path, label_retention_s=label_retention_s)
     if kind == "jsonl":
         return JSONLSink(path)
     if kind == "redis":

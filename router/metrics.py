@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -55,6 +56,13 @@ class GatewayMetrics:
     breaker_state: Gauge
     breaker_opens: Counter
     capability_fallbacks: Counter
+    calibration_info: Gauge
+    calibration_reload_failures: Counter
+    shadow_calls: Counter
+    shadow_dropped: Counter
+    shadow_cost_tokens: Counter
+    judge_verdicts: Counter
+    labels_stored: Counter
 
     @classmethod
     def create(cls) -> GatewayMetrics:
@@ -187,6 +195,54 @@ class GatewayMetrics:
                 ["backend", "capability", "answered"],
                 registry=r,
             ),
+            calibration_info=Gauge(
+                "sparsity_router_calibration_info",
+                "The calibrations serving: 1 for the id (x-router-calibration) of each kind, "
+                "prompt (calibration.path), answer (calibration.answer_path) and "
+                "arm:<experiment>/<arm> (an experiment arm's calibration)",
+                ["id", "kind"],
+                registry=r,
+            ),
+            calibration_reload_failures=Counter(
+                "sparsity_router_calibration_reload_failures",
+                "Reloads refused because a calibration file was missing, corrupt or did not "
+                "fit the probe (the previous calibration kept serving)",
+                registry=r,
+            ),
+            shadow_calls=Counter(
+                "sparsity_router_shadow_calls",
+                "Labelling jobs (labelling:) by outcome: sent (the shadow call to the other "
+                "backend of the pair answered), dropped (never sent: see "
+                "sparsity_router_shadow_dropped), failed (the shadow call failed or its "
+                "answer was not one plain text)",
+                ["outcome"],
+                registry=r,
+            ),
+            shadow_dropped=Counter(
+                "sparsity_router_shadow_dropped",
+                "Labelling jobs dropped before their shadow call: queue_full, rate "
+                "(labelling.max_shadow_per_s), budget (labelling.daily_token_budget spent), "
+                "no_text (the answer was not one plain text)",
+                ["reason"],
+                registry=r,
+            ),
+            shadow_cost_tokens=Counter(
+                "sparsity_router_shadow_cost_tokens",
+                "Tokens (prompt + completion) spent by shadow and judge calls",
+                registry=r,
+            ),
+            judge_verdicts=Counter(
+                "sparsity_router_judge_verdicts",
+                "Judge answers by verdict: large, small or tie (which answer the judge "
+                "preferred), unparsed (no verdict found in its text), failed (the call failed)",
+                ["verdict"],
+                registry=r,
+            ),
+            labels_stored=Counter(
+                "sparsity_router_labels_stored",
+                "Label records handed to the events sink (judge or reference labels)",
+                registry=r,
+            ),
         )
 
     def record_probe(self, outcome: ProbeOutcome) -> None:
@@ -209,5 +265,29 @@ class GatewayMetrics:
         if state == "open":
             self.breaker_opens.labels(backend, replica).inc()
 
+    def record_calibrations(self, serving: Mapping[str, str | None]) -> None:
+        """Show the calibration ids serving now (kind -> id, None: none of that kind), the
+        label sets of the ones they replace, and of kinds no longer given (an experiment arm
+        removed), removed."""
+        stale = [
+            labels
+            for labels in _label_sets(self.calibration_info)
+            if serving.get(labels[1]) != labels[0]
+        ]
+        for labels in stale:
+            self.calibration_info.remove(*labels)
+        for kind, ident in serving.items():
+            if ident is not None:
+                self.calibration_info.labels(ident, kind).set(1)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _label_sets(metric: Gauge) -> list[tuple[str, ...]]:
+    """The label values of every child of a labelled metric."""
+    return [
+        tuple(sample.labels[name] for name in ("id", "kind"))
+        for family in metric.collect()
+        for sample in family.samples
+    ]

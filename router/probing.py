@@ -5,7 +5,9 @@ with ``error`` set (input the probe cannot read, a model failure, the deadline p
 policy sends the request to its ``on_probe_error`` backend. Concurrent identical requests share
 one cache lookup and one probe pass (single flight): the first is a ``hit`` or ``miss``, the ones
 that waited for it are ``shared``. Caches hold the raw result; the calibration's percentile is
-added on the way out, so gateways with different calibrations can share one Redis.
+added on the way out, so gateways with different calibrations can share one Redis, and a
+request applies the calibration its gateway state held when it began (a reload swaps the state,
+never the calibration under a request that is running).
 
 Under load (the local probe):
 
@@ -22,6 +24,7 @@ Under load (the local probe):
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -63,6 +66,12 @@ class Prober(Protocol):
     def fingerprint(self) -> dict[str, Any]: ...
 
     def measure_one(self, item: ProbeInput) -> ProbeResult: ...
+
+
+class _Default(enum.Enum):
+    """``ProbeService.measure``'s calibration when none is given: the service's own."""
+
+    SERVICE = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,14 +182,17 @@ class ProbeService:
         return digest.hexdigest()
 
     async def measure(
-        self, item: ProbeInput, *, calibration: Calibration | None = None
+        self, item: ProbeInput, *, calibration: Calibration | _Default | None = _Default.SERVICE
     ) -> ProbeOutcome:
-        """The probe result for ``item``, with ``calibration`` (default: the service's) applied.
+        """The probe result for ``item``, with ``calibration`` (default: the service's; None:
+        none) applied.
 
         The cache holds raw results, so one probe serves several calibrations (a policy's
-        cascade reads prompt-plus-answer inputs with its answer calibration)."""
+        cascade reads prompt-plus-answer inputs with its answer calibration; the routes pass the
+        calibration of the gateway state they read once per request)."""
         start = time.perf_counter()
-        calibration = calibration or self.calibration
+        if calibration is _Default.SERVICE:
+            calibration = self.calibration
         key = self.key(item)
         flight = self._flights.get(key)
         if flight is not None:  # the same prompt is being looked up or probed: wait for it

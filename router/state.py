@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import anyio.to_thread
 
-from policies.engine import PolicyEngine
+from policies.engine import PolicyEngine, best_of_problems
 from policies.loader import env_value
 from policies.schema import HumanBackend as HumanBackendSettings
 from policies.schema import LocalBackend as LocalBackendSettings
@@ -28,6 +28,7 @@ from router.escalations.config import build_escalations, reviewer_keys
 from router.escalations.metrics import EscalationMetrics
 from router.escalations.service import EscalationService
 from router.events import EventLog, open_sink
+from router.labelling import Labeller
 from router.metrics import GatewayMetrics
 from router.probing import BatchingConfig, ProbeService
 from router.ratelimit import RateLimiter, build_rate_limiter
@@ -35,7 +36,17 @@ from router.remote_probe import RemoteProbe
 from router.retry import RetryPolicy
 from router.tracing import DISABLED, Tracing
 
-__all__ = ["GatewayState", "build_state", "probe_needed"]
+__all__ = [
+    "ArmKey",
+    "GatewayState",
+    "build_state",
+    "load_arm_calibrations",
+    "load_calibrations",
+    "probe_needed",
+]
+
+#: (experiment, arm): an arm whose ``calibration`` replaces the gateway's for its requests.
+ArmKey = tuple[str, str]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +65,32 @@ class GatewayState:
     events: EventLog | None = None
     escalations: EscalationService | None = None  # human backends: router/escalations
     answer_calibration: Calibration | None = None  # what policies' cascades read
+    #: the prompt calibration (calibration.path) the routes apply; a reload swaps it with the
+    #: state, so a request keeps the one it started with
+    calibration: Calibration | None = None
+    #: experiment arms carrying ``calibration``: their requests apply it instead (swapped by a
+    #: reload with the state, as ``calibration`` is)
+    arm_calibrations: dict[ArmKey, Calibration] = field(default_factory=dict)
     tracing: Tracing = DISABLED  # router/tracing.py; set by the app's lifespan
+    labeller: Labeller | None = None  # labelling: router/labelling; started by the lifespan
+
+    def calibration_ids(self) -> dict[str, str | None]:
+        """The ids of the calibrations serving, by kind (prompt, answer; None: not loaded;
+        then ``arm:<experiment>/<arm>`` for each arm carrying its own)."""
+        return {
+            "prompt": self.calibration.id if self.calibration is not None else None,
+            "answer": self.answer_calibration.id if self.answer_calibration is not None else None,
+            **{f"arm:{e}/{a}": c.id for (e, a), c in self.arm_calibrations.items()},
+        }
+
+    def prompt_calibration(self, experiment: str | None, arm: str | None) -> Calibration | None:
+        """The prompt calibration a request of this experiment arm applies: the arm's own,
+        else the gateway's (``calibration``)."""
+        if experiment is not None and arm is not None:
+            own = self.arm_calibrations.get((experiment, arm))
+            if own is not None:
+                return own
+        return self.calibration
 
     def authorized(self, header: bytes | None) -> bool:
         """Whether ``header`` carries a client-scoped (or admin) key; True with auth off."""
@@ -110,6 +146,7 @@ def _event_log(settings: Settings, metrics: GatewayMetrics) -> EventLog | None:
         redis_url=events.redis_url,
         stream=events.stream,
         max_len=events.max_len,
+        label_retention_s=settings.labelling.retention_s if settings.labelling.enabled else None,
     )
     return EventLog(
         sink,
@@ -141,6 +178,61 @@ def _check_supervised(
             "calibration fitted without --answer-column"
         )
     _check_feeds(model, probe, source)
+
+
+def load_calibrations(
+    settings: Settings, probe: SparsityProbe | RemoteProbe
+) -> tuple[Calibration | None, Calibration | None]:
+    """The prompt calibration (``calibration.path``) and the cascades' answer calibration
+    (``calibration.answer_path``), each checked against ``probe`` (fingerprint, what a supervised
+    model reads, what the policies need of it); CalibrationError names the problem."""
+    calibration = None
+    path = settings.calibration_path()
+    if path is not None:
+        calibration = Calibration.load(path, expect_fingerprint=probe.fingerprint())
+        _check_supervised(settings, calibration, probe, str(path))
+        _check_nway(settings, calibration, probe, str(path))
+    return calibration, _load_answer_calibration(settings, probe)
+
+
+def load_arm_calibrations(
+    settings: Settings, probe: SparsityProbe | RemoteProbe
+) -> dict[ArmKey, Calibration]:
+    """The calibrations of the experiment arms that carry one, each checked against ``probe``
+    as :func:`load_calibrations` checks ``calibration.path`` (against the arm's policy);
+    CalibrationError names the arm, its YAML path and the file."""
+    loaded: dict[ArmKey, Calibration] = {}
+    for i, experiment in enumerate(settings.experiments):
+        for j, arm in enumerate(experiment.arms):
+            if arm.calibration is None:
+                continue
+            path = settings.resolve_path(arm.calibration)
+            where = f"experiments[{i}].arms[{j}].calibration (arm {experiment.name}/{arm.name})"
+            scoped = settings.model_copy(
+                update={"policies": {arm.policy: settings.policies[arm.policy]}}
+            )
+            try:
+                calibration = Calibration.load(path, expect_fingerprint=probe.fingerprint())
+                _check_supervised(scoped, calibration, probe, str(path))
+                _check_nway(scoped, calibration, probe, str(path))
+            except CalibrationError as exc:
+                raise CalibrationError(f"{where}: {exc}") from None
+            loaded[(experiment.name, arm.name)] = calibration
+    return loaded
+
+
+def _check_nway(
+    settings: Settings, calibration: Calibration, probe: SparsityProbe | RemoteProbe, source: str
+) -> None:
+    """Refuse best_of rules the calibration's N-way model cannot serve, or a probe that cannot
+    feed it."""
+    model = calibration.nway
+    models, unit = (None, None) if model is None else (model.models, model.cost_unit)
+    problems = best_of_problems(settings, models, unit)
+    if problems:
+        raise CalibrationError(f"calibration {source}: " + "; ".join(problems))
+    if model is not None:
+        _check_feeds(model.as_supervised(), probe, source)
 
 
 def _load_answer_calibration(
@@ -188,7 +280,9 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
         for b in settings.backends.values()
     )
     service: ProbeService | None = None
+    calibration: Calibration | None = None
     answer_calibration: Calibration | None = None
+    arm_calibrations: dict[ArmKey, Calibration] = {}
     remote = None  # probe.backend: vllm measures on a pooling server (router/remote_probe.py)
     if probe is None and needs_probe and settings.probe.backend == "vllm":
         remote = RemoteProbe.from_section(settings.probe)
@@ -197,12 +291,8 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
     prober: SparsityProbe | RemoteProbe | None = remote or probe
     engine = PolicyEngine(settings, n_layers=prober.n_layers if prober is not None else None)
     if prober is not None and needs_probe:
-        calibration = None
-        path = settings.calibration_path()
-        if path is not None:
-            calibration = Calibration.load(path, expect_fingerprint=prober.fingerprint())
-            _check_supervised(settings, calibration, prober, str(path))
-        answer_calibration = _load_answer_calibration(settings, prober)
+        calibration, answer_calibration = load_calibrations(settings, prober)
+        arm_calibrations = load_arm_calibrations(settings, prober)
         batching = settings.probe.batching
         service = ProbeService(
             prober,
@@ -287,14 +377,16 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
             direct.setdefault(name, name)
             for model in backend.model_names():
                 direct.setdefault(model, name)
-    return GatewayState(
+    state = GatewayState(
         events=_event_log(settings, metrics),
         settings=settings,
         engine=engine,
         backends=backends,
         metrics=metrics,
         probe=service,
+        calibration=calibration,
         answer_calibration=answer_calibration,
+        arm_calibrations=arm_calibrations,
         direct_models=direct,
         api_keys=tuple(k.encode() for k in settings.auth.api_keys),
         keys=KeyRing.from_settings(settings.auth, reviewer_keys=reviewer_keys(settings)),
@@ -305,3 +397,5 @@ def build_state(settings: Settings, *, probe: SparsityProbe | None = None) -> Ga
             on_redis_error=metrics.rate_limit_redis_errors.inc,
         ),
     )
+    metrics.record_calibrations(state.calibration_ids())
+    return state

@@ -10,6 +10,7 @@ Every key, its type, default and meaning is documented on the models themselves
     virtual_models, policies     policies.schema.rules         (rules, conditions, cascades)
     experiments                  policies.schema.experiments
     escalation, events           policies.schema.escalation
+    labelling                    policies.schema.labelling
     tracing                      policies.schema.tracing
     the root                     policies.schema.settings      (Settings)
     cross-checks                 policies.schema.checks
@@ -42,6 +43,7 @@ from policies.schema.backends import (
 from policies.schema.common import Loc, SchemaProblems, format_loc
 from policies.schema.escalation import EscalationSettings, EventsSettings, WebhookSettings
 from policies.schema.experiments import Experiment, ExperimentArm
+from policies.schema.labelling import LabellingSettings, ReferenceSettings
 from policies.schema.probe import (
     BatchingSettings,
     CacheSettings,
@@ -54,6 +56,7 @@ from policies.schema.probe import (
 from policies.schema.rules import (
     Action,
     Band,
+    BestOf,
     Cascade,
     CascadeCondition,
     Condition,
@@ -78,6 +81,7 @@ __all__ = [
     "Backoff",
     "Band",
     "BatchingSettings",
+    "BestOf",
     "Breaker",
     "CacheSettings",
     "CalibrationSettings",
@@ -91,6 +95,7 @@ __all__ = [
     "ExperimentArm",
     "HumanBackend",
     "IntBand",
+    "LabellingSettings",
     "Loc",
     "LocalBackend",
     "MemoryCacheSettings",
@@ -102,6 +107,7 @@ __all__ = [
     "ProbeSection",
     "RateLimitSettings",
     "RedisCacheSettings",
+    "ReferenceSettings",
     "ResponseFormat",
     "RoutableBackend",
     "Rule",

@@ -3,7 +3,8 @@
 Unknown backends and policies, fallback cycles, rules whose condition implies a capability
 (``has_tools: true``) that no backend of their chain has, human backends used as fallbacks,
 percentile rules without a calibration, metrics the probe does not measure, cascades without an
-answer calibration, direct models clashing with virtual ones, experiments on unknown models.
+answer calibration, direct models clashing with virtual ones, experiments on unknown models,
+labelling's backends and filters (and the events sink that stores its labels).
 Every problem is a ``(loc, message)`` pair with ``loc`` from the root of the file;
 :class:`~policies.schema.settings.Settings` raises them all at once as
 :class:`~policies.schema.common.SchemaProblems`.
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 
 from policies.schema.backends import HumanBackend, LocalBackend, OpenAIBackend
 from policies.schema.common import NAME_PATTERN, Loc, Problem, known_names
-from policies.schema.escalation import EscalationSettings
+from policies.schema.escalation import EscalationSettings, EventsSettings
 from policies.schema.experiments import Experiment
+from policies.schema.labelling import LabellingSettings
 from policies.schema.probe import CacheSettings, CalibrationSettings, ProbeSection
-from policies.schema.rules import Cascade, Policy, Rule, VirtualModel
+from policies.schema.rules import BestOf, Cascade, Policy, Rule, VirtualModel
 
 __all__ = ["cross_check"]
 
@@ -37,10 +39,13 @@ def cross_check(
     policies: Mapping[str, Policy],
     experiments: Sequence[Experiment],
     escalation: EscalationSettings | None,
+    labelling: LabellingSettings | None = None,
+    events: EventsSettings | None = None,
 ) -> list[Problem]:
     """Every problem between these sections, in a stable order (backends, policies, virtual
     models, experiments). ``virtual_models_given``: whether the file set ``virtual_models``
-    (else the built-in default applies, which an error message explains)."""
+    (else the built-in default applies, which an error message explains); ``labelling`` is
+    checked against the backends, policies, virtual models and ``events``."""
     checker = _Checker(
         probe=probe,
         calibration=calibration,
@@ -57,6 +62,7 @@ def cross_check(
         *checker.check_policies(),
         *checker.check_models(),
         *checker.check_experiments(),
+        *(checker.check_labelling(labelling, events) if labelling and labelling.enabled else []),
     ]
 
 
@@ -212,6 +218,33 @@ class _Checker:
                 )
         return problems
 
+    def check_best_of(
+        self, loc: Loc, best: BestOf, fallback: tuple[str, ...] | None
+    ) -> list[Problem]:
+        """A ``best_of`` route: known, non-human backends, and a calibration to predict with
+        (its N-way model is checked against them when the gateway loads it)."""
+        problems: list[Problem] = []
+        for j, name in enumerate(best.best_of):
+            where: Loc = (*loc, "route", "best_of", j)
+            if name not in self.backends:
+                problems.append((where, self.unknown_backend(name)))
+            elif isinstance(self.backends[name], HumanBackend):
+                problems.append(
+                    (where, f"{name!r} is a human backend; best_of picks among model backends")
+                )
+        if self.calibration.path is None:
+            problems.append(
+                (
+                    (*loc, "route"),
+                    "best_of needs a calibration with an N-way model: set calibration.path to "
+                    "one fitted with sparsity-router calibrate --labels FILE --models a,b,c",
+                )
+            )
+        for i, target in enumerate(fallback or ()):
+            if target not in self.backends:
+                problems.append(((*loc, "fallback", i), self.unknown_backend(target)))
+        return problems
+
     def chain(self, route: str, fallback: tuple[str, ...] | None) -> list[str]:
         """``route`` and every backend its fallbacks (``fallback``, else its own) reach,
         depth-first; unknown names are skipped (reported elsewhere)."""
@@ -242,7 +275,8 @@ class _Checker:
             implied.append(("has_images", "vision"))
         if when.response_format is not None and "text" not in when.response_format:
             implied.append(("response_format", "json"))
-        chain = self.chain(rule.route, rule.fallback)
+        routes = rule.route.best_of if isinstance(rule.route, BestOf) else (rule.route,)
+        chain = list(dict.fromkeys(b for r in routes for b in self.chain(r, rule.fallback)))
         if not chain:
             return []
         problems: list[Problem] = []
@@ -270,7 +304,10 @@ class _Checker:
                 )
             for i, rule in enumerate(policy.rules):
                 loc: Loc = (*base, "rules", i)
-                problems.extend(self.check_action(loc, rule.route, rule.fallback))
+                if isinstance(rule.route, BestOf):
+                    problems.extend(self.check_best_of(loc, rule.route, rule.fallback))
+                else:
+                    problems.extend(self.check_action(loc, rule.route, rule.fallback))
                 problems.extend(self.check_rule_capabilities(loc, rule))
                 when = rule.when
                 for field in ("percentile", "share", "p_large"):
@@ -426,4 +463,97 @@ class _Checker:
                             f"unknown policy {arm.policy!r}; known: {known_names(self.policies)}",
                         )
                     )
+                elif arm.calibration is not None:
+                    problems.extend(self.check_arm_calibration((*base, "arms", j), arm.policy))
+        return problems
+
+    def check_arm_calibration(self, loc: Loc, policy_name: str) -> list[Problem]:
+        """An arm's calibration is applied to the probe's reading: its policy must probe and
+        route on what a calibration gives (percentile, share, p_large, best_of)."""
+        rules = self.policies[policy_name].rules
+        if any(r.when.needs_calibration or isinstance(r.route, BestOf) for r in rules):
+            return []
+        probes = any(r.when.needs_probe for r in rules)
+        why = (
+            "reads only the raw probe reading (score, metric, n_tokens)"
+            if probes
+            else "never runs the probe"
+        )
+        return [
+            (
+                (*loc, "calibration"),
+                f"an arm calibration needs the probe and a policy routing on it: policy "
+                f"{policy_name!r} {why}, so the calibration would change nothing. Fix: give "
+                "the arm a policy with a percentile, share, p_large or best_of rule, or remove "
+                "calibration",
+            )
+        ]
+
+    def check_labelling(
+        self, labelling: LabellingSettings, events: EventsSettings | None
+    ) -> list[Problem]:
+        """Enabled labelling: the pair and the judge are model backends, the pair two different
+        ones, the filters name known policies and models, an events sink stores the labels."""
+        problems: list[Problem] = []
+        base: Loc = ("labelling",)
+        for field in ("small", "large", "judge"):
+            name = getattr(labelling, field)
+            if name is None:
+                continue
+            if name not in self.backends:
+                problems.append(
+                    (
+                        (*base, field),
+                        f"no backend named {name!r}; known: {known_names(self.backends)}",
+                    )
+                )
+            elif isinstance(self.backends[name], HumanBackend):
+                problems.append(
+                    (
+                        (*base, field),
+                        f"{name!r} is a human backend; shadow and judge calls go to model "
+                        "backends (openai or local)",
+                    )
+                )
+        if labelling.small == labelling.large:
+            problems.append(
+                (
+                    (*base, "large"),
+                    f"large must differ from small (both are {labelling.small!r}): the shadow "
+                    "call goes to the backend of the pair that did not answer",
+                )
+            )
+        for i, policy in enumerate(labelling.policies):
+            if policy not in self.policies:
+                problems.append(
+                    (
+                        (*base, "policies", i),
+                        f"unknown policy {policy!r}; known: {known_names(self.policies)}",
+                    )
+                )
+        for i, model in enumerate(labelling.models):
+            if model not in self.virtual_models:
+                problems.append(
+                    (
+                        (*base, "models", i),
+                        f"{model!r} is not a virtual model; known: "
+                        f"{known_names(self.virtual_models)}",
+                    )
+                )
+        if labelling.judge is None:
+            problems.append(
+                (
+                    (*base, "judge"),
+                    "enabled labelling needs a judge: name the backend that compares the "
+                    "two answers",
+                )
+            )
+        if events is None or events.sink == "none":
+            problems.append(
+                (
+                    (*base, "enabled"),
+                    "labels are stored as event records: add an events section with a "
+                    "sink (e.g. events: {sink: sqlite, path: events.sqlite})",
+                )
+            )
         return problems

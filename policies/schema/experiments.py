@@ -17,11 +17,24 @@ __all__ = ["Experiment", "ExperimentArm"]
 
 
 class ExperimentArm(ConfigModel):
-    """One arm of an experiment: the policy its requests are routed by, and its share."""
+    """One arm of an experiment: the policy its requests are routed by, its share, and
+    optionally the prompt calibration its requests are read with (an A/B test of calibrations:
+    two arms with the same policy and different calibrations)."""
 
     name: str = Field(description="unique within the experiment; recorded with each event")
     policy: str = Field(description="the policy routing this arm's requests")
     weight: float = Field(gt=0, le=1, description="share of the keys; the arms' weights add to 1")
+    calibration: str | None = Field(
+        None,
+        description="calibration JSON this arm's requests are read with instead of "
+        "calibration.path (relative to the config file's folder; checked against the probe "
+        "like calibration.path, at start-up and on every reload); null: the gateway's",
+    )
+
+    @field_validator("calibration")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        return None if v is not None and not v.strip() else v
 
 
 class Experiment(ConfigModel):

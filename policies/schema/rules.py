@@ -13,6 +13,11 @@ Conditions on the request's shape (``has_tools``, ``has_images``, ``response_for
 ``n_messages``) need no probe; what a request needs of its backend (tools, vision, json) is
 checked against the backends' ``capabilities`` after the decision (docs/routing.md).
 
+A rule may route to the best of several backends instead of one: ``route: {best_of: [a, b, c],
+willingness_to_pay: λ, max_cost_per_mtok: C}`` sends each request to the allowed backend
+(cost at most ``C``) with the highest ``predicted quality - λ · cost``, from the calibration's
+N-way model (``calibrate --labels F --models ...``; docs/routing.md, "N-way routing").
+
 Checks needing other sections (backend names, a calibration for percentile rules, metrics the
 probe measures) are the root's (:mod:`policies.schema.checks`).
 """
@@ -23,13 +28,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from policies.schema.common import ConfigModel, Problem, SchemaProblems, as_tuple
 
 __all__ = [
     "Action",
     "Band",
+    "BestOf",
     "Cascade",
     "CascadeCondition",
     "Condition",
@@ -275,6 +281,63 @@ class Action(ConfigModel):
         return as_tuple(v)
 
 
+class BestOf(ConfigModel):
+    """N-way routing: the backend whose model has the highest predicted quality minus
+    ``willingness_to_pay`` times its cost, among ``best_of`` (those within the cost caps).
+
+    Predictions come from the calibration's N-way model (``calibrate --labels F --models
+    a,b,c``); each backend's model (its ``model``, else its name) must be one of it, and costs
+    are the calibration's (USD per million tokens or per request)."""
+
+    best_of: tuple[str, ...] = Field(
+        min_length=2, description="the candidate backends (at least two, each once)"
+    )
+    willingness_to_pay: float = Field(
+        0.0,
+        ge=0,
+        description="quality given up per unit of cost (0: the best predicted quality, cost "
+        "breaking ties)",
+    )
+    max_cost_per_mtok: float | None = Field(
+        None,
+        ge=0,
+        description="only backends costing at most this, in USD per million tokens (needs "
+        "costs per million tokens in the calibration)",
+    )
+    max_cost_per_request: float | None = Field(
+        None,
+        ge=0,
+        description="only backends costing at most this, in USD per request (needs costs per "
+        "request in the calibration)",
+    )
+
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return as_tuple(v)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> BestOf:
+        repeated = sorted({b for b in self.best_of if self.best_of.count(b) > 1})
+        if repeated:
+            raise ValueError(f"best_of names {', '.join(repeated)} more than once")
+        if self.max_cost_per_mtok is not None and self.max_cost_per_request is not None:
+            raise ValueError("give max_cost_per_mtok or max_cost_per_request, not both")
+        return self
+
+    @property
+    def max_cost(self) -> tuple[float, str] | None:
+        """(the cost cap, its unit as in the calibration: usd_per_mtok / usd_per_request)."""
+        if self.max_cost_per_mtok is not None:
+            return self.max_cost_per_mtok, "usd_per_mtok"
+        if self.max_cost_per_request is not None:
+            return self.max_cost_per_request, "usd_per_request"
+        return None
+
+    def __str__(self) -> str:
+        return f"best_of({', '.join(self.best_of)})"
+
+
 class Rule(ConfigModel):
     """``when`` the condition holds, ``route`` to a backend (first matching rule wins)."""
 
@@ -282,7 +345,11 @@ class Rule(ConfigModel):
         None, description="shown in decisions, events and metrics; default: rules[i]"
     )
     when: Condition = Field(description="the condition; every key given must hold")
-    route: str = Field(description="the backend for requests this rule matches")
+    route: str | BestOf = Field(
+        description="the backend for requests this rule matches, or {best_of: [backends], "
+        "willingness_to_pay, max_cost_per_mtok}: the best of several by the calibration's "
+        "N-way model"
+    )
     fallback: tuple[str, ...] | None = Field(
         None, description="overrides the backend's fallback; null: the backend's own"
     )
@@ -291,6 +358,30 @@ class Rule(ConfigModel):
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return as_tuple(v)
+
+    @field_validator("route", mode="before")
+    @classmethod
+    def _name_or_best_of(cls, v: Any) -> Any:
+        """A backend name or a ``best_of`` mapping, with errors at the mapping's own keys."""
+        if isinstance(v, str | BestOf):
+            return v
+        if not isinstance(v, Mapping):
+            raise ValueError("give a backend name, or {best_of: [backends], ...}")
+        try:
+            return BestOf.model_validate(v)
+        except ValidationError as exc:
+            allowed = ", ".join(BestOf.model_fields)
+            raise SchemaProblems(
+                [
+                    (
+                        tuple(err["loc"]),
+                        f"unknown key; allowed: {allowed}"
+                        if err["type"] == "extra_forbidden"
+                        else err["msg"].removeprefix("Value error, "),
+                    )
+                    for err in exc.errors()
+                ]
+            ) from None
 
 
 class CascadeCondition(ConfigModel):

@@ -18,6 +18,7 @@ from policies.schema.checks import cross_check
 from policies.schema.common import ConfigModel, SchemaProblems
 from policies.schema.escalation import EscalationSettings, EventsSettings
 from policies.schema.experiments import Experiment
+from policies.schema.labelling import LabellingSettings
 from policies.schema.probe import CacheSettings, CalibrationSettings, ProbeSection
 from policies.schema.rules import Policy, VirtualModel
 from policies.schema.server import AuthSettings, ServerSettings
@@ -72,6 +73,11 @@ class Settings(ConfigModel):
     tracing: TracingSettings = Field(
         TracingSettings(), description="OpenTelemetry spans of every request; off by default"
     )
+    labelling: LabellingSettings = Field(
+        LabellingSettings(),
+        description="label a sample of the traffic with shadow calls and a judge, for "
+        "sparsity-router learn; off by default",
+    )
 
     _base_dir: Path | None = PrivateAttr(None)
 
@@ -89,6 +95,8 @@ class Settings(ConfigModel):
             policies=self.policies,
             experiments=self.experiments,
             escalation=self.escalation,
+            labelling=self.labelling,
+            events=self.events,
         )
         if problems:
             raise SchemaProblems(problems)

@@ -57,6 +57,7 @@ from router.errors import (
 from router.escalations.handler import answer_by_human, is_human
 from router.events import RequestEvent
 from router.guard import admit
+from router.labelling import LabelCapture
 from router.logs import bind_request_id
 from router.probing import ProbeOutcome
 from router.requests import ParsedRequest, parse_request
@@ -125,6 +126,7 @@ class _Routed:
     decision: Decision
     outcome: ProbeOutcome | None
     request_id: str = ""
+    calibration: str | None = None  # the id of the prompt calibration this request applied
 
     def headers(self, backend: str, fallback_from: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
         d = self.decision
@@ -145,7 +147,11 @@ class _Routed:
                 out.append((b"x-router-percentile", f"{result.percentile:.4f}".encode()))
             if result.p_large is not None:
                 out.append((b"x-router-p-large", f"{result.p_large:.4f}".encode()))
+        if d.predicted_quality is not None:  # a best_of rule's choice
+            out.append((b"x-router-predicted-quality", f"{d.predicted_quality:.4f}".encode()))
         out.append((b"x-router-cache", (self.outcome.cache if self.outcome else "off").encode()))
+        if self.calibration is not None:
+            out.append((b"x-router-calibration", self.calibration.encode()))
         if fallback_from:
             out.append((b"x-router-fallback", ",".join(fallback_from).encode()))
         if d.probe_error:
@@ -187,9 +193,13 @@ async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _R
         )
         return _Routed(parsed, _capable(state, parsed, decision), None)
     outcome: ProbeOutcome | None = None
+    # The arm is known before the probe runs: its own calibration (if any) reads the result.
+    calibration = state.calibration
+    if assignment is not None:
+        calibration = state.prompt_calibration(assignment.experiment, assignment.arm)
     if state.probe is not None and parsed.has_text and state.engine.needs_probe(policy):
         with current().probe() as probe_span:
-            outcome = await state.probe.measure(parsed.probe_input)
+            outcome = await state.probe.measure(parsed.probe_input, calibration=calibration)
             probe_span.outcome(outcome)
     decision = state.engine.decide(
         policy,
@@ -199,7 +209,10 @@ async def _route(state: GatewayState, scope: Scope, parsed: ParsedRequest) -> _R
     )
     if assignment is not None:
         decision = replace(decision, experiment=assignment.experiment, arm=assignment.arm)
-    return _Routed(parsed, _capable(state, parsed, decision), outcome)
+    serving = calibration or state.answer_calibration
+    routed = _Routed(parsed, _capable(state, parsed, decision), outcome)
+    routed.calibration = serving.id if serving is not None else None
+    return routed
 
 
 def _count_capability_fallback(state: GatewayState, routed: _Routed) -> None:
@@ -309,6 +322,14 @@ class CompletionsEndpoint:
                     )
                 except Exception:  # an event is never worth a failed request
                     logger.exception("building the event record failed")
+            if trace.label is not None and state.labeller is not None:
+                # The response is complete: queue the shadow call and the judge (never waits).
+                state.labeller.finish(
+                    trace.label,
+                    answered_by=backend_name,
+                    complete=status == 200 and (sent.complete or sent.stream_done),
+                    cascade=trace.cascade,
+                )
             trace.span.finish(
                 status,
                 backend_name,
@@ -348,6 +369,15 @@ class CompletionsEndpoint:
             if chat and inject:  # stream_options exists on chat and completions only
                 if not client_wants_usage(body) and (asked := request_usage(body)) is not None:
                     body, trace.tap = asked, UsageTap(strip=True)
+        if state.labeller is not None:  # router/labelling: a sampled request keeps its answer
+            trace.label = state.labeller.capture(
+                self.endpoint,
+                trace.request_id,
+                d,
+                routed.parsed,
+                routed.outcome,
+                routed.calibration,
+            )
         try:
             cascade = _cascade_of(state, d) if chat else None
             if cascade is not None:
@@ -367,6 +397,8 @@ class CompletionsEndpoint:
             headers = [*routed.headers(answered, dispatched.fallback_from), *trace.headers()]
             status = 200
             if dispatched.result.stream is None:
+                if trace.label is not None:
+                    trace.label.answered(dispatched.result.body)
                 if state.events is not None or trace.span.recording:
                     trace.usage = usage_of_body(dispatched.result.body)
                 trace.span.answer(dispatched.result.body)
@@ -476,6 +508,8 @@ class CompletionsEndpoint:
                     trace.first_chunk(state, dispatched.backend, start)
                     trace.span.answer(chunk)
                     first = False
+                if trace.label is not None:
+                    trace.label.feed(chunk)
                 if tap is not None:
                     chunk = tap.feed(chunk)
                 if chunk:
@@ -569,6 +603,7 @@ class _Trace:
     cascade: Verdict | None = None
     answer_p_large: float | None = None
     checked_cost: float | None = None  # an escalated request's first (checked) answer
+    label: LabelCapture | None = None  # sampled for labelling: its answer is kept
     span: RequestSpan = NO_SPAN  # router/tracing.py: the request's server span
 
     def first_chunk(self, state: GatewayState, backend: str, start: float) -> None:
@@ -628,6 +663,7 @@ class _Trace:
             cost=cost,
             cascade=self.cascade,
             answer_p_large=self.answer_p_large,
+            calibration=routed.calibration if routed is not None else None,
         )
 
 

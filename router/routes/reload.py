@@ -1,4 +1,6 @@
-"""``POST /admin/reload`` (admin scope) and the ``SIGHUP`` handler: re-read the config file."""
+"""``POST /admin/reload`` (admin scope) and the ``SIGHUP`` handler: re-read the config file and
+the calibration files it names (200 with the calibration ids serving; 422 ``config_invalid`` or
+``calibration_invalid`` with the reason when the previous ones keep serving)."""
 
 from __future__ import annotations
 
@@ -43,10 +45,16 @@ async def reload_endpoint(request: Request) -> Response:
                 code="no_config_file",
             )
         if not outcome.ok:
-            raise Unprocessable(outcome.message, code="config_invalid")
+            raise Unprocessable(outcome.message, code=outcome.code)
     except HTTPError as exc:
         return _error(exc)
     return Response(
-        json.dumps({"status": "reloaded", "message": outcome.message}),
+        json.dumps(
+            {
+                "status": "reloaded",
+                "message": outcome.message,
+                "calibration": outcome.state.calibration_ids(),
+            }
+        ),
         media_type="application/json",
     )

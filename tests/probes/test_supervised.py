@@ -59,6 +59,25 @@ def test_fit_logistic_recovers_directions() -> None:
         fit_logistic(X, np.zeros(len(y), dtype=bool))
 
 
+@pytest.mark.parametrize("l2", [0.5, 100.0])
+def test_fewer_rows_than_features_fit_as_the_full_newton_would(l2: float) -> None:
+    """With n < k the Newton steps run in the rows' span; the fit is the one the feature-space
+    Newton gives. Two copies of every row with twice the penalty have the same optimum and
+    n > k, so they take the feature-space path."""
+    rng = np.random.default_rng(3)
+    n, k = 60, 150
+    X = rng.normal(size=(n, k)) * rng.uniform(0.1, 5.0, size=k)
+    X[:, 4] = 2.0  # no spread: weight 0
+    y = rng.random(n) < 1 / (1 + np.exp(-(X[:, :10].sum(1) / 3)))
+    coef, intercept, mean, _ = fit_logistic(X, y, l2=l2)
+    full = fit_logistic(np.vstack([X, X]), np.concatenate([y, y]), l2=2 * l2)
+    np.testing.assert_allclose(coef, full[0], atol=1e-7)
+    assert intercept == pytest.approx(full[1], abs=1e-7)
+    np.testing.assert_allclose(mean, full[2])
+    assert coef[4] == pytest.approx(0.0, abs=1e-12)
+    assert np.abs(coef).max() > 1e-3
+
+
 def test_vector_orients_metrics_and_logs_length() -> None:
     model = SupervisedModel(
         features=FEATURES, mean=(0, 0, 0), scale=(1, 1, 1), coef=(0, 0, 0), intercept=0.0

@@ -15,10 +15,12 @@ import pytest
 
 from router.events import (
     FEEDBACK_FIELDS,
+    LABEL_FIELDS,
     REQUEST_FIELDS,
     EventLog,
     FeedbackEvent,
     JSONLSink,
+    LabelEvent,
     RedisStreamSink,
     RequestEvent,
     SQLiteSink,
@@ -244,3 +246,90 @@ def test_events_settings_defaults() -> None:
     assert EventsSettings().path == "events.sqlite"
     assert EventsSettings(sink="jsonl").path == "events.jsonl"
     assert EventsSettings.model_validate({"sink": "jsonl", "path": "x.log"}).path == "x.log"
+
+
+def label(i: int, **extra: Any) -> LabelEvent:
+    fields: dict[str, Any] = {
+        "request_id": f"r{i}",
+        "time": 2000.0 + i,
+        "model": "auto",
+        "policy": "default",
+        "answered_by": "small",
+        "small_backend": "small",
+        "large_backend": "large",
+        "judge": "judge",
+        "source": "judge",
+        "large_better": 0.5,
+        "verdicts": ("[[A]]", "[[B]]"),
+        "calibration": "abc123",
+        "score": 0.25,
+        "p_large": 0.75,
+    }
+    return LabelEvent(**{**fields, **extra})
+
+
+def test_label_fields_are_the_stored_columns_and_read_back() -> None:
+    assert [f.name for f in dataclasses.fields(LabelEvent)] == list(LABEL_FIELDS)
+    event = label(
+        1,
+        input=[{"role": "user", "content": "hi"}],
+        small_answer="a",
+        large_answer="b",
+    )
+    record = event.to_record()
+    assert record["kind"] == "label" and record["verdicts"] == ["[[A]]", "[[B]]"]
+    assert LabelEvent.from_record(json.loads(json.dumps(record))) == event
+    assert event_from_record(record) == event
+    # A row from before a field existed: optional fields read as None, verdicts as ().
+    old = LabelEvent.from_record({"kind": "label", "request_id": "x", "time": 1, "large_better": 1})
+    assert old == LabelEvent(request_id="x", time=1.0, large_better=1.0)
+    assert old.p_large is None and old.verdicts == () and old.source == "judge"
+    assert LabelEvent.from_record({**record, "verdicts": '["x"]'}).verdicts == ("x",)
+    with pytest.raises(ValueError, match="large_better"):
+        LabelEvent.from_record({"request_id": "x", "time": 1.0})
+    with pytest.raises(ValueError, match="input"):
+        LabelEvent.from_record({**record, "input": 3})
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl"])
+def test_labels_round_trip_through_the_file_sinks(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / f"e.{kind}"
+    sink = open_sink(kind, path=path, redis_url=None, stream="s", max_len=10)
+    labels = [
+        label(1, input="plain prompt", small_answer="4", large_answer="four"),
+        label(2, input=[{"role": "user", "content": [{"type": "text", "text": "x"}]}]),
+        label(3, source="reference", judge=None, large_better=1.0, verdicts=()),
+    ]
+    log = EventLog(sink)
+    for event in [request(1), *labels, FeedbackEvent(request_id="r1", time=1.0, score=1.0)]:
+        assert log.record(event)
+    log.close()
+    reader = SQLiteSink(path) if kind == "sqlite" else JSONLSink(path)
+    got = [e for e in read_events(reader) if isinstance(e, LabelEvent)]
+    reader.close()
+    assert got == labels
+    if kind == "sqlite":  # verdicts and input are JSON text in their columns
+        with sqlite3.connect(tmp_path / "e.sqlite") as db:
+            row = db.execute(
+                "SELECT verdicts, input FROM labels WHERE request_id = 'r1'"
+            ).fetchone()
+        assert row == ('["[[A]]", "[[B]]"]', '"plain prompt"')
+
+
+def test_sqlite_deletes_labels_past_their_retention(tmp_path: Path) -> None:
+    path = tmp_path / "e.sqlite"
+    now = time.time()
+    sink = SQLiteSink(path, label_retention_s=3600)
+    sink.write([label(1, time=now - 7200).to_record(), label(2, time=now).to_record()])
+    # The DELETE runs in the batch's transaction after its inserts: a stale label of this
+    # very batch is gone too.
+    ids = [e.request_id for e in read_events(sink) if isinstance(e, LabelEvent)]
+    assert ids == ["r2"]
+    sink.write([label(3, time=now - 7200).to_record()])  # within the minute: no DELETE yet
+    ids = [e.request_id for e in read_events(sink) if isinstance(e, LabelEvent)]
+    assert ids == ["r2", "r3"]
+    sink.close()
+    keep = SQLiteSink(path)  # no retention: nothing deleted
+    keep.write([label(4, time=0.0).to_record()])
+    assert len([e for e in read_events(keep) if isinstance(e, LabelEvent)]) == 3
+    keep.close()
