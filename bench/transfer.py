@@ -49,7 +49,7 @@ from numpy.typing import NDArray
 
 from bench._data import add_data_argument, data_root
 from evaluation.baselines import embed_minilm
-from evaluation.crossval import fold_ids, inner_fit
+from evaluation.crossval import fold_ids, inner_fit, stack_weights
 from evaluation.metrics import apgr, auroc, cpt
 from evaluation.outcomes import OutcomeSet
 from evaluation.recipes import (
@@ -350,9 +350,9 @@ def _fit_predict(
     ]
     own = np.arange(len(y))
     loo = np.column_stack([vt.votes(v, exclude=own) for vt, v in zip(votes, vectors, strict=False)])
-    w, wb, wm, ws = fit_logistic(np.column_stack([oof, loo]), y, l2=1.0)
+    *w, c = stack_weights(oof, loo, y)  # the stacking calibrate --labels fits
     test_votes = np.column_stack([vt.votes(v) for vt, v in zip(votes, vectors_test, strict=False)])
-    return ((np.column_stack([z, test_votes]) - wm) / ws) @ w + wb
+    return np.column_stack([z, test_votes]) @ np.array(w) + c
 
 
 def within_source(src: Source, router: Router, folds: int = 5, seed: int = 0) -> Score:

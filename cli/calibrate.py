@@ -24,7 +24,7 @@ from cli.options import (
     add_label_options,
     add_probe_options,
     build_probe,
-    feature_list,
+    comma_list,
     positive_int,
     read_input_file,
     read_labels,
@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
     add_label_options(parser, flag="--labels", required=False)
     parser.add_argument(
         "--features",
-        type=feature_list,
+        type=comma_list,
         metavar="LIST",
         help="with --labels: the supervised model's features, e.g. L10.gini.last,L28.top1_energy"
         ".mean,log_tokens (default: evaluation.recipes.default_recipe: supervised_features, or "

@@ -36,7 +36,7 @@ from cli.options import (
     add_label_options,
     add_probe_options,
     build_probe,
-    feature_list,
+    comma_list,
     positive_int,
     read_labels,
 )
@@ -188,7 +188,7 @@ def register(subparsers: Any) -> None:
         help="an admin-scoped key for --gateway (default: $SPARSITY_ROUTER_ADMIN_KEY)",
     )
     parser.add_argument(
-        "--features", type=feature_list, metavar="LIST", help="as calibrate --features"
+        "--features", type=comma_list, metavar="LIST", help="as calibrate --features"
     )
     parser.add_argument("--neighbours", metavar="LIST", help="as calibrate --neighbours")
     parser.add_argument(

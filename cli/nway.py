@@ -16,7 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli.options import add_probe_options, build_probe, positive_int
+from cli.options import (
+    add_features_cache_option,
+    add_probe_options,
+    build_probe,
+    comma_list,
+    positive_int,
+)
 from evaluation.nway import (
     COST_COLUMN,
     NWayData,
@@ -38,16 +44,12 @@ from probes.nway import CostUnit
 __all__ = ["add_nway_options", "nway_costs", "register", "run", "run_nway_labels"]
 
 
-def _models(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
 def add_nway_options(parser: argparse.ArgumentParser) -> None:
     """``--models``, ``--cost``, ``--cost-column`` and ``--link``."""
     group = parser.add_argument_group("N-way routing")
     group.add_argument(
         "--models",
-        type=_models,
+        type=comma_list,
         metavar="LIST",
         help="the candidate models, as named by the files' quality columns, e.g. a,b,c "
         "(RouterDC's JSON: default every model of its scores)",
@@ -115,15 +117,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--sample", type=positive_int, metavar="N", help="a seeded sample")
     parser.add_argument("--seed", type=int, default=0, help="sampling and fold seed")
     parser.add_argument("--folds", type=positive_int, default=5, metavar="K")
-    parser.add_argument(
-        "--features-cache",
-        type=Path,
-        metavar="DIR",
-        help="probe feature cache (default: ~/.cache/sparsity-router/eval)",
-    )
+    add_features_cache_option(parser)
     parser.add_argument(
         "--features",
-        type=_models,
+        type=comma_list,
         metavar="LIST",
         help="the heads' features (default: the supervised recipe's)",
     )

@@ -39,11 +39,12 @@ __all__ = [
     "EXIT_USAGE",
     "Handler",
     "add_config_argument",
+    "add_features_cache_option",
     "add_input_options",
     "add_label_options",
     "add_probe_options",
     "build_probe",
-    "feature_list",
+    "comma_list",
     "label_sources",
     "layer_list",
     "positive_int",
@@ -105,8 +106,18 @@ def positive_int(text: str) -> int:
     return value
 
 
-def feature_list(text: str) -> tuple[str, ...]:
-    """A comma-separated list of feature names (an argparse type; blanks dropped)."""
+def add_features_cache_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--features-cache DIR``: where probe features of outcome prompts are cached."""
+    parser.add_argument(
+        "--features-cache",
+        type=Path,
+        metavar="DIR",
+        help="probe feature cache (default: ~/.cache/sparsity-router/eval)",
+    )
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names: features, models (an argparse type; blanks dropped)."""
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
@@ -364,12 +375,7 @@ def add_label_options(
     )
     group.add_argument("--sample", type=int, metavar="N", help="a seeded random sample of N rows")
     group.add_argument("--seed", type=int, default=0, help="sampling and fold seed (default 0)")
-    group.add_argument(
-        "--features-cache",
-        type=Path,
-        metavar="DIR",
-        help="probe feature cache (default: ~/.cache/sparsity-router/eval)",
-    )
+    add_features_cache_option(group)
 
 
 def label_sources(args: argparse.Namespace) -> list[SourceSpec]:
