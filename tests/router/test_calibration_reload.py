@@ -11,8 +11,10 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from cli.main import main
@@ -172,3 +174,31 @@ def test_learn_promotes_a_refit_into_a_running_gateway(
         assert "gateway reloaded" in capsys.readouterr().out
         assert _id(serving) == _id(out)
         assert _ask(gw.url).headers["x-router-calibration"] == _id(out)
+
+
+def test_the_openai_sdk_sees_the_calibration_on_plain_and_streamed_answers(
+    start: Start, two_calibrations: tuple[Path, Path]
+) -> None:
+    """The official client reads x-router-calibration on both shapes, before and after a swap."""
+    a, b = two_calibrations
+    gw, serving = start(a)
+    with gw:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", timeout=30)
+        messages: list[Any] = [{"role": "user", "content": "What is two plus two?"}]
+        for want, swap in ((_id(a), None), (_id(b), b)):
+            if swap is not None:
+                shutil.copyfile(swap, serving)
+                assert _reload(gw.url).status_code == 200
+            raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages)
+            assert raw.headers["x-router-calibration"] == want
+            assert raw.parse().choices[0].message.content
+            with client.chat.completions.with_streaming_response.create(
+                model="auto", messages=messages, stream=True
+            ) as stream:
+                assert stream.headers["x-router-calibration"] == want
+                text = "".join(
+                    chunk.choices[0].delta.content or ""
+                    for chunk in stream.parse()
+                    if chunk.choices
+                )
+            assert text
