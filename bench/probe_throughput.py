@@ -28,6 +28,11 @@ calibration) then ``PolicyEngine.decide``.
   the probe's input caps (``max_messages``, ``max_chars``: their defaults) and without them.
   ``--code PATH`` runs these scenarios on the packages of another checkout (e.g. an older
   commit's), with that code's own scheduling: the "before" figure, from the same script.
+- **the vLLM probe** (``--vllm`` adds it, ``--only-vllm`` runs just it; bench/_vllm_probe.py):
+  the default score on a stock vLLM and the supervised prompt recipe on vLLM with the
+  project's plugin, each next to the local probe with the same settings at 1, 4, 16 and 64
+  concurrent clients (real vLLM CPU servers started and stopped here), then a paper estimate of
+  decisions/s per GPU with its arithmetic.
 """
 
 from __future__ import annotations
@@ -349,24 +354,47 @@ async def inflight_tables(probe: SparsityProbe, args: argparse.Namespace) -> lis
     return lines
 
 
+def heading(title: str, details: str) -> list[str]:
+    """A report's title and its line on the command and the machine, then ``details``."""
+    command = " ".join(["bench/probe_throughput.py", *sys.argv[1:]])
+    return [
+        f"# {title}",
+        "",
+        f"`{command}`: {platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; {details}",
+        "",
+    ]
+
+
+async def vllm_section(args: argparse.Namespace) -> list[str]:
+    from bench._vllm_probe import vllm_tables
+
+    return await vllm_tables(args, prompts, closed_loop, Decider)
+
+
 async def run(args: argparse.Namespace) -> list[str]:
+    if args.only_vllm:
+        details = (
+            f"batching window {args.window_ms} ms, max batch {args.max_batch}; {args.rounds} "
+            "rounds per concurrency, local and vLLM alternating."
+        )
+        return heading("Probe throughput: the vLLM probe next to the local one", details) + (
+            await vllm_section(args)
+        )
     if args.only_inflight:
         # the embedded default's probe: the code's defaults, prefix cache on as in
         # config/default.yaml (not read here, so that --code may name an older checkout)
         probe = SparsityProbe(ProbeSettings(prefix_cache=not args.no_prefix_cache, device="cpu"))
         code = Path(sys.modules[ProbeService.__module__].__file__ or ".").parents[1]
-        command = " ".join(["bench/probe_throughput.py", *sys.argv[1:]])
-        return [
-            "# Probe latency with long prompts in flight",
-            "",
-            f"`{command}`: {platform.machine()}, {os.cpu_count()} CPUs visible, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
+        details = (
             f"code {code}; probe {probe.fingerprint()['model']!s} layers "
             f"{list(probe.settings.layers)}, prefix cache "
             f"{'on' if probe.settings.prefix_cache else 'off'}; batching window "
-            f"{args.window_ms} ms, max batch {args.max_batch}.",
-            *await inflight_tables(probe, args),
-        ]
+            f"{args.window_ms} ms, max batch {args.max_batch}."
+        )
+        return heading("Probe latency with long prompts in flight", details) + (
+            await inflight_tables(probe, args)
+        )
     settings = load_settings(ROOT / "config/default.yaml")
     # the embedded default's probe (config/default.yaml), prefix cache as configured there
     # unless --no-prefix-cache
@@ -382,18 +410,13 @@ async def run(args: argparse.Namespace) -> list[str]:
     )
     engine = PolicyEngine(settings, n_layers=probe.n_layers)
     batching = BatchingConfig(max_batch=args.max_batch, window_s=args.window_ms / 1000)
-    command = " ".join(["bench/probe_throughput.py", *sys.argv[1:]])
-    lines = [
-        "# Probe throughput and decision latency",
-        "",
-        f"`{command}`: {platform.machine()}, {os.cpu_count()} CPUs visible, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; "
+    lines = heading(
+        "Probe throughput and decision latency",
         f"probe {probe.fingerprint()['model']!s} layers {list(probe.settings.layers)}, "
         f"prefix cache {'on' if probe.settings.prefix_cache else 'off'}; "
         f"batching window {args.window_ms} ms, max batch {args.max_batch}; "
         f"{args.rounds} rounds per mode, off and on alternating.",
-        "",
-    ]
+    )
     lines += [
         "## Distinct prompts (no cache)",
         "",
@@ -472,7 +495,10 @@ async def run(args: argparse.Namespace) -> list[str]:
             await remote.aclose()
         finally:
             server.stop()
-    return lines + await inflight_tables(probe, args)
+    lines += await inflight_tables(probe, args)
+    if args.vllm:
+        lines += ["", *await vllm_section(args)]
+    return lines
 
 
 def main() -> None:
@@ -499,6 +525,8 @@ def main() -> None:
         "before figure against older code",
     )
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--vllm", action="store_true", help="add the vLLM probe's tables")
+    parser.add_argument("--only-vllm", action="store_true", help="only the vLLM probe's tables")
     parser.add_argument(
         "--no-prefix-cache",
         action="store_true",

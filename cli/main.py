@@ -17,6 +17,8 @@ sets ``handler`` (``Namespace -> exit status``); :data:`COMMANDS` lists them:
 ``sparsity-router learn --events F --out candidate.json [--promote swap]`` (:mod:`cli.learn`)
     Refit the supervised calibration on the labels the gateway collected; compare it with the
     one serving on held-back labels; promote it.
+``sparsity-router derive-probe [CONFIG] [--name | --command]`` (:mod:`cli.derive`)
+    Build the model folder a vLLM server runs for the configured remote probe.
 
 ``probe``, ``calibrate`` and ``eval`` take the probe options (``--model``, ``--layers``,
 ``--metric``, ``--layer``, ...; :mod:`cli.options`). Every :class:`~probes.errors.RouterError`
@@ -34,7 +36,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cli import calibrate, check, experiments, learn, nway, probe, serve
+from cli import calibrate, check, derive, experiments, learn, nway, probe, serve
 from cli import eval as eval_command
 from cli.options import EXIT_USAGE, Handler
 from probes.errors import RouterError
@@ -51,6 +53,7 @@ COMMANDS: tuple[Callable[[Any], None], ...] = (
     eval_command.register,
     nway.register,
     learn.register,
+    derive.register,
 )
 
 

@@ -9,7 +9,10 @@ and the reset the time until the bucket is full again.
 :class:`RedisRateLimiter` keeps the buckets in Redis (one hash per caller, updated atomically
 by a Lua script) so that every gateway replica shares them. A Redis error never fails a
 request: the limiter falls back to its own memory buckets (fail open to a per-replica limit),
-logs the first failure of a run of failures once, and counts every one.
+logs the first failure of a run of failures once, and counts every one. After a failure it stays
+on memory, without touching Redis, for a pause that doubles from ``backoff_s`` up to
+``max_backoff_s`` (as the probe cache does), so that a Redis that times out (partitioned, not
+refusing) does not add its timeout to every request.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ class RedisRateLimiter:
         timeout_s: float = 0.05,
         key_prefix: str = "sparsity-router:ratelimit:",
         on_redis_error: Callable[[], None] | None = None,
+        backoff_s: float = 0.25,
+        max_backoff_s: float = 5.0,
     ) -> None:
         import redis.asyncio
 
@@ -169,6 +174,10 @@ class RedisRateLimiter:
         self._fallback = MemoryRateLimiter(settings)
         self._on_error = on_redis_error
         self._failing = False
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._pause = backoff_s
+        self._retry_at = 0.0  # while failing: memory only until then
         self._client: Any = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -181,6 +190,8 @@ class RedisRateLimiter:
 
     async def acquire(self, caller: str) -> Admission:
         rate = self.settings.per_key.get(caller, self.settings.requests_per_s)
+        if self._failing and time.monotonic() < self._retry_at:
+            return self._fallback.take(caller)  # Redis failed a moment ago: not yet again
         try:
             allowed, wait, tokens = await self._script(
                 keys=[self._prefix + caller], args=[rate, self.settings.burst, self._ttl_ms]
@@ -190,14 +201,19 @@ class RedisRateLimiter:
                 self._on_error()
             if not self._failing:
                 self._failing = True
+                self._pause = self.backoff_s
                 logger.warning(
                     "rate limiting falls back to memory: Redis failed (%s: %s)",
                     type(exc).__name__,
                     exc,
                 )
+            else:
+                self._pause = min(self._pause * 2, self.max_backoff_s)
+            self._retry_at = time.monotonic() + self._pause
             return self._fallback.take(caller)
         if self._failing:
             self._failing = False
+            self._pause = self.backoff_s
             logger.info("rate limiting is back on Redis")
         burst = float(self.settings.burst)
         return _admission(bool(int(allowed)), float(wait), float(tokens), burst, rate)

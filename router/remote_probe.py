@@ -1,16 +1,23 @@
 """The probe on a vLLM pooling server (``probe.backend: vllm``), interchangeable with the local one.
 
 The gateway tokenises the request exactly as :class:`probes.probe.SparsityProbe` does (same
-:class:`probes.encoding.PromptEncoder`, tokenizer only: no weights are loaded), sends the token
-ids to the server's ``/v1/embeddings``, and computes the configured metrics on the returned
-vector. The server runs the derived folder of :mod:`probes.derived`: the probe model cut after
-the probe's layer, final norm a pure rescaling, so its last-token "embedding" is the probe
-layer's hidden state up to a positive factor, and every metric (all scale invariant) matches the
-local probe's within float rounding. Results, fingerprint and calibrations are the local
-probe's, so the two backends can be swapped under one calibration and one cache.
+:class:`probes.encoding.PromptEncoder`, tokenizer only: no weights are loaded) and sends the token
+ids to the server's ``/v1/embeddings``. Two kinds of server (:func:`probes.derived.needs_features`):
 
-Start the server on the folder and name that ``python -m probes.derived --model M --layer L``
-prints (path, then ``--name``)::
+* **layer mode** (one layer read at the last token, no token means, no hidden vectors): a stock
+  vLLM runs the derived folder of :func:`probes.derived.derive_probe_model`, the probe model cut
+  after the probe's layer, final norm a pure rescaling, so its last-token "embedding" is the probe
+  layer's hidden state up to a positive factor; the gateway computes the metrics on it (all
+  scale invariant: they match the local probe's within float rounding).
+* **feature mode** (anything more: the supervised recipes' layers, token means and hidden
+  vectors): vLLM with the project's plugin (``plugins/vllm_probe``) runs the folder of
+  :func:`probes.derived.derive_feature_model` and returns, in one answer, every metric and vector
+  the local probe would compute, laid out as :class:`probes.served.FeatureLayout` says.
+
+Results, fingerprint and calibrations are the local probe's, so the two backends can be swapped
+under one calibration and one cache. ``sparsity-router derive-probe CONFIG --command`` prints the
+``vllm serve`` command for a configuration (``scripts/vllm_serve.sh probe|features PORT`` runs
+it)::
 
     vllm serve PATH --served-model-name NAME --runner pooling --convert embed --dtype float32 \\
         --pooler-config '{"pooling_type": "LAST", "use_activation": false}'
@@ -31,12 +38,19 @@ import httpx
 import torch
 
 from policies.schema import ProbeSection, VllmProbeSettings
-from probes.derived import derived_name, read_config, resolve_layer
+from probes.derived import (
+    derived_name,
+    feature_model_name,
+    needs_features,
+    read_config,
+    resolve_layer,
+)
 from probes.encoding import PromptEncoder
 from probes.errors import ProbeError
 from probes.metric_names import sparsity
 from probes.metrics import compute_all
 from probes.model import load_tokenizer, model_dir, resolve_dtype
+from probes.served import FeatureLayout
 from probes.types import ProbeInput, ProbeResult, ProbeSettings, probe_fingerprint
 
 __all__ = ["RemoteProbe", "RemoteProbeError"]
@@ -62,8 +76,20 @@ class RemoteProbe:
         self.hidden_size = int(config["hidden_size"])
         layer = settings.layers[-1] if settings.score_layer is None else settings.score_layer
         self.score_layer = resolve_layer(layer, self.n_layers)
-        self.layers = (self.score_layer,)
-        self.model_name = remote.model or derived_name(source, self.score_layer)
+        # Feature mode: the server returns every feature; layer mode: one layer's vector.
+        self.layout: FeatureLayout | None = None
+        if needs_features(settings):
+            try:
+                self.layout = FeatureLayout.for_settings(settings, self.n_layers, self.hidden_size)
+            except ValueError as exc:
+                raise RemoteProbeError(f"probe: {exc}") from None
+            self.layers: tuple[int, ...] = self.layout.layers
+            self.state_layers: tuple[int, ...] = self.layout.state_layers
+            self.model_name = remote.model or feature_model_name(source, self.layout)
+        else:
+            self.layers = (self.score_layer,)
+            self.state_layers = ()
+            self.model_name = remote.model or derived_name(source, self.score_layer)
         self._url = remote.base_url
         self._verified = False
         self._client: httpx.AsyncClient | None = None
@@ -177,12 +203,24 @@ class RemoteProbe:
         }
         s = self.settings
         if self.model_name not in models:
+            if self.layout is not None:
+                what = f"the features {self.layout.describe()} of {s.model}"
+                fix = (
+                    "serve the folder `sparsity-router derive-probe CONFIG` prints with vLLM and "
+                    "the project's plugin (`sparsity-router derive-probe CONFIG --command`, or "
+                    "scripts/vllm_serve.sh features PORT)"
+                )
+            else:
+                what = f"layer {self.score_layer} of {s.model}"
+                fix = (
+                    f"serve the folder `python -m probes.derived --model {s.model} --layer "
+                    f"{self.score_layer}` prints, with --served-model-name set to what it prints "
+                    "with --name"
+                )
             raise RemoteProbeError(
                 f"vLLM probe server {self._url} serves {sorted(models) or 'no model'}, not "
-                f"{self.model_name!r} (layer {self.score_layer} of {s.model}). Fix: serve the "
-                f"folder `python -m probes.derived --model {s.model} --layer {self.score_layer}` "
-                "prints, with --served-model-name set to what it prints with --name (see "
-                "README, vLLM backends), or set probe.vllm.model to the name you serve"
+                f"{self.model_name!r} ({what}). Fix: {fix} (see README, vLLM backends), or set "
+                "probe.vllm.model to the name you serve"
             )
         max_len = models[self.model_name].get("max_model_len")
         if isinstance(max_len, int) and max_len < s.max_tokens:
@@ -199,24 +237,36 @@ class RemoteProbe:
             raise RemoteProbeError(
                 f"vLLM probe server {self._url}: unexpected embeddings answer"
             ) from exc
-        if not isinstance(vector, list) or len(vector) != self.hidden_size:
+        width = self.layout.width if self.layout is not None else self.hidden_size
+        if not isinstance(vector, list) or len(vector) != width:
             got = len(vector) if isinstance(vector, list) else type(vector).__name__
             raise RemoteProbeError(
                 f"vLLM probe server {self._url} returned a vector of width {got}, expected "
-                f"{self.hidden_size}: it does not run the probe model (or reduces dimensions)"
+                f"{width}: it does not run the probe model it names (or reduces dimensions)"
             )
         if counted is not None and counted != len(ids):
             raise RemoteProbeError(
                 f"vLLM probe server {self._url} counted {counted} prompt tokens for the "
                 f"{len(ids)} sent: it altered the input (special tokens or truncation)"
             )
+        s = self.settings
+        if self.layout is not None:
+            last, mean, states = self.layout.unpack(vector)
+            table = last if s.score_position == "last" else mean
+            assert table is not None  # the layout has token means when the score reads them
+            return ProbeResult(
+                n_tokens=len(ids),
+                score=sparsity(s.score_metric, table[self.score_layer][s.score_metric]),
+                metrics=last,
+                metrics_mean=mean,
+                truncated=truncated,
+                states=states,
+            )
         h = torch.tensor(vector, dtype=torch.float32)
-        names = self.settings.metrics
-        values = {k: float(v) for k, v in compute_all(h, names).items()}
-        raw = values[self.settings.score_metric]
+        values = {k: float(v) for k, v in compute_all(h, s.metrics).items()}
         return ProbeResult(
             n_tokens=len(ids),
-            score=sparsity(self.settings.score_metric, raw),
+            score=sparsity(s.score_metric, values[s.score_metric]),
             metrics={self.score_layer: values},
             truncated=truncated,
         )

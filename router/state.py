@@ -262,7 +262,7 @@ def _check_feeds(model: SupervisedModel, probe: SparsityProbe | RemoteProbe, sou
             probe.layers,
             token_mean,
             probe.settings.metrics,
-            state_layers=getattr(probe, "state_layers", ()),  # the remote probe keeps none
+            state_layers=probe.state_layers,
         )
     except ValueError as exc:
         raise CalibrationError(f"calibration {source}: {exc}") from None

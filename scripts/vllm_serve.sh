@@ -5,10 +5,13 @@
 #   scripts/vllm_serve.sh generate PORT [VLLM_ARGS...]   chat/completions, e.g.
 #                                                        --served-model-name small large
 #   scripts/vllm_serve.sh probe PORT [VLLM_ARGS...]      the remote probe's pooling server
+#   scripts/vllm_serve.sh features PORT [VLLM_ARGS...]   the feature probe (the project's plugin)
 #
 # generate serves the converted bundled model (probes.model.model_dir); probe serves the folder
 # probes.derived builds for layer $PROBE_LAYER (default 10) of $PROBE_MODEL (default the bundled
-# SmolLM2) under the name the gateway's remote probe expects. The vLLM venv is provisioned first
+# SmolLM2) under the name the gateway's remote probe expects; features serves the folder
+# `sparsity-router derive-probe $PROBE_CONFIG` builds (default config/examples/vllm-supervised.yaml:
+# the supervised prompt recipe) with the plugin's pooling model. The vLLM venv is provisioned first
 # when missing (scripts/vllm_venv.sh). $PYTHON is the project's Python (default: .venv's, else
 # python3). float32: bfloat16 matmuls give garbage on some CPUs; the probe's numbers are float32.
 set -euo pipefail
@@ -36,8 +39,18 @@ case "${MODE}" in
         MODE_ARGS=(--served-model-name "${NAME}" --runner pooling --convert embed
             --pooler-config '{"pooling_type": "LAST", "use_activation": false}')
         ;;
+    features)
+        CONFIG="${PROBE_CONFIG:-${ROOT}/config/examples/vllm-supervised.yaml}"
+        MODEL_DIR="$("${PYTHON}" -m cli.main derive-probe "${CONFIG}")"
+        NAME="$(basename "${MODEL_DIR}")"   # = sparsity-router derive-probe CONFIG --name
+        # MEAN pooling makes vLLM compute every prompt token (no prefix caching, no chunked
+        # prefill): the plugin's pooler reads them all.
+        MODE_ARGS=(--served-model-name "${NAME}" --runner pooling
+            --no-enable-prefix-caching --no-enable-chunked-prefill
+            --pooler-config '{"pooling_type": "MEAN", "use_activation": false}')
+        ;;
     *)
-        echo "unknown mode ${MODE}: use generate or probe" >&2
+        echo "unknown mode ${MODE}: use generate, probe or features" >&2
         exit 2
         ;;
 esac

@@ -44,4 +44,25 @@ if [[ ! -f "${STAMP}" ]]; then
         echo "vllm venv: installed ${SPEC} into ${VENV} in $(( $(date +%s) - start )) s" >&2
     fi
 fi
+# The project's vLLM plugin (plugins/vllm_probe: the feature probe's pooling model), reinstalled
+# whenever its files change; --no-deps leaves vLLM's pins alone.
+PLUGIN="$(cd "$(dirname "$0")/../plugins/vllm_probe" && pwd)"
+PLUGIN_HASH="$(cd "${PLUGIN}" && find . -name '*.py' -o -name '*.toml' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)"
+if [[ ! -f "${VENV}/.plugin-${PLUGIN_HASH}" ]]; then
+    if [[ "${CHECK}" == 1 ]]; then
+        echo "the vLLM plugin is not installed at this version (${PLUGIN_HASH}). Fix: make vllm-venv" >&2
+        exit 3
+    fi
+    exec 9>"${VENV}.lock"
+    flock 9
+    if [[ ! -f "${VENV}/.plugin-${PLUGIN_HASH}" ]]; then
+        build="$(mktemp -d)"
+        cp -r "${PLUGIN}/." "${build}/"
+        "${VENV}/bin/python" -m pip install --quiet --no-deps --no-build-isolation \
+            --force-reinstall "${build}" >&2
+        rm -rf "${build}" "${VENV}"/.plugin-*
+        touch "${VENV}/.plugin-${PLUGIN_HASH}"
+        echo "vllm venv: installed the sparsity-probe-vllm plugin (${PLUGIN_HASH})" >&2
+    fi
+fi
 echo "${VENV}/bin/python"

@@ -14,7 +14,6 @@ from pydantic import Field, field_validator, model_validator
 
 from policies.schema.common import (
     ConfigModel,
-    Problem,
     SchemaProblems,
     check_http_url,
     check_redis_url,
@@ -65,8 +64,10 @@ class BatchingSettings(ConfigModel):
 class VllmProbeSettings(ConfigModel):
     """Where the remote probe (``probe.backend: vllm``) finds its vLLM pooling server.
 
-    The server runs the folder ``python -m probes.derived --layer L`` prints, served under the
-    name ``--name`` prints (the default for ``model``); see README "vLLM backends".
+    The server runs the folder ``sparsity-router derive-probe CONFIG`` prints, served under the
+    name ``--name`` prints (the default for ``model``): for one layer read at the last token, a
+    stock vLLM; for more (several layers, token means, hidden vectors: the supervised recipes),
+    vLLM with the project's plugin (``plugins/vllm_probe``). See README "vLLM backends".
     """
 
     base_url: str = Field(description="the server's …/v1 URL")
@@ -117,40 +118,12 @@ class ProbeSection(ProbeSettings):
 
     @model_validator(mode="after")
     def _remote_probe_fits(self) -> ProbeSection:
-        """A vLLM pooling server returns one vector per request: one layer, last token."""
-        if self.backend != "vllm":
-            return self
-        problems: list[Problem] = []
-        if self.vllm is None:
-            problems.append(
-                (("vllm",), "backend: vllm needs a `vllm:` section with base_url (and model)")
+        """A vLLM probe needs its server's address; one layer at the last token is served by a
+        stock vLLM, anything more by the feature model of the project's plugin."""
+        if self.backend == "vllm" and self.vllm is None:
+            raise SchemaProblems(
+                [(("vllm",), "backend: vllm needs a `vllm:` section with base_url (and model)")]
             )
-        layers = set(self.layers) | ({self.score_layer} if self.score_layer is not None else set())
-        if len(layers) != 1:
-            problems.append(
-                (
-                    ("layers",),
-                    f"backend: vllm reads one layer per server, got layers {sorted(layers)}: "
-                    "give a single layer (and no other score_layer)",
-                )
-            )
-        elif 0 in layers:
-            problems.append((("layers",), "backend: vllm cannot read layer 0 (the embeddings)"))
-        if self.state_layers:
-            problems.append(
-                (
-                    ("state_layers",),
-                    "backend: vllm returns one rescaled vector, not the hidden vectors a "
-                    "supervised model on the probe's states reads: use backend: local",
-                )
-            )
-        if self.token_mean or self.score_position == "mean":
-            where = "token_mean" if self.token_mean else "score_position"
-            problems.append(
-                ((where,), "backend: vllm reads the last token only: remove token-mean settings")
-            )
-        if problems:
-            raise SchemaProblems(problems)
         return self
 
 

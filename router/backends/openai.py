@@ -9,7 +9,10 @@ failed to connect, or asked to wait, is tried last for a while; each replica has
 breaker (:mod:`router.breaker`): open after consecutive failures, it is skipped without a
 connection until its half-open trial succeeds, and a backend whose every replica is open fails
 at once. Timeouts: ``connect_s``; ``read_s`` is the longest gap allowed between two chunks;
-``total_s`` bounds the whole exchange, streamed or not, waits between retries included.
+``total_s`` bounds the whole exchange, streamed or not, waits between retries included; each
+timeout's error names the one that ran out. A stream that a replica breaks off (a gap past
+``read_s``, a reset, a truncated body) counts as a failure of that replica: it is tried last for
+a while and its breaker counts the failure, so the next request goes to another replica.
 
 Requests go through one ``aiohttp.ClientSession`` per backend (created lazily on the event loop,
 closed with the app): measured by ``bench/proxy_overhead.py`` it costs the gateway ~1.1 ms of CPU
@@ -127,6 +130,8 @@ class OpenAIBackend:
             for url in (u.rstrip("/") for u in base_urls)
         ]
         self._rotation = itertools.count()
+        self._connect_s = connect_s
+        self._read_s = read_s
         self._total_s = total_s
         self._cooldown_s = cooldown_s
         self.api = api
@@ -372,13 +377,15 @@ class OpenAIBackend:
             return UpstreamResult(
                 upstream.status,
                 content_type,
-                stream=self._chunks(upstream, deadline, span),
+                stream=self._chunks(upstream, replica, deadline, span),
                 close=close,
                 replica=replica.url,
             )
-        except TimeoutError as exc:
+        except TimeoutError as exc:  # the deadline, or aiohttp's connect_s / read_s
             span.fail(exc)
-            raise UpstreamTimeout(f"no answer within {self._total_s:g} s") from None
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):  # failed to connect
+                replica.down_until = time.monotonic() + self._cooldown_s
+            raise UpstreamTimeout(self._timeout_message(exc)) from None
         except aiohttp.ClientConnectorError as exc:
             span.fail(exc)
             replica.down_until = time.monotonic() + self._cooldown_s
@@ -393,8 +400,20 @@ class OpenAIBackend:
                 if response is not None and not response.closed:
                     response.close()
 
+    def _timeout_message(self, exc: TimeoutError) -> str:
+        """Which deadline ran out: ``connect_s``, ``read_s`` (aiohttp's) or ``total_s``."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return f"no connection within {self._connect_s:g} s (timeouts.connect_s)"
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            return f"no data for {self._read_s:g} s (timeouts.read_s)"
+        return f"no answer within {self._total_s:g} s (timeouts.total_s)"
+
     async def _chunks(
-        self, response: aiohttp.ClientResponse, deadline: float, span: UpstreamSpan
+        self,
+        response: aiohttp.ClientResponse,
+        replica: _Replica,
+        deadline: float,
+        span: UpstreamSpan,
     ) -> AsyncIterator[bytes]:
         iterator = response.content.iter_any().__aiter__()
         while True:
@@ -403,13 +422,30 @@ class OpenAIBackend:
                     chunk = await iterator.__anext__()
             except StopAsyncIteration:
                 return
-            except TimeoutError as exc:
+            except aiohttp.ClientError as exc:  # the replica: a gap past read_s, a reset, ...
+                span.fail(exc)
+                self._broke_off(replica, exc)
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout(f"stream stalled: {self._timeout_message(exc)}") from None
+                raise UpstreamError(f"stream broke: {type(exc).__name__}: {exc}") from exc
+            except TimeoutError as exc:  # the request's own total_s: no fault of the replica
                 span.fail(exc)
                 raise UpstreamTimeout(f"stream exceeded {self._total_s:g} s") from None
-            except aiohttp.ClientError as exc:
-                span.fail(exc)
-                raise UpstreamError(f"stream broke: {type(exc).__name__}: {exc}") from exc
             yield chunk
+
+    def _broke_off(self, replica: _Replica, exc: BaseException) -> None:
+        """A replica broke a stream it had begun: try it last for a while, count the failure
+        on its breaker (its attempt had counted as a success when the stream began)."""
+        logger.warning(
+            "backend %s replica %s broke a stream off: %s: %s",
+            self.name,
+            replica.url,
+            type(exc).__name__,
+            exc,
+        )
+        replica.down_until = max(replica.down_until, time.monotonic() + self._cooldown_s)
+        if replica.breaker is not None:
+            replica.breaker.failed()
 
     @staticmethod
     def _loop_deadline(deadline: float) -> float:

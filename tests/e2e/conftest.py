@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-def _vllm_provisioned() -> None:
+def vllm_provisioned() -> None:
     if os.environ.get(SKIP_ENV, "").strip() in ("1", "true", "yes"):
         pytest.skip(f"{SKIP_ENV} is set: real-vLLM end-to-end tests skipped on request")
     check = subprocess.run(
@@ -57,7 +57,7 @@ def _vllm_provisioned() -> None:
 def vllm_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServers]:
     """ONE generation server (names ``small`` and ``large``) and ONE pooling server, started
     together, stopped (whole process groups) whatever happens."""
-    _vllm_provisioned()
+    vllm_provisioned()
     logs = tmp_path_factory.mktemp("vllm-logs")
     # Eager mode: torch.compile's warm-up would add one to two minutes per server start.
     generate = VllmServer(

@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
-__all__ = ["ROOT", "VllmServer", "free_port", "wait_healthy"]
+__all__ = ["ROOT", "VllmServer", "free_port", "stop_process_group", "wait_healthy"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = ROOT / "scripts" / "vllm_serve.sh"
@@ -34,10 +35,13 @@ def free_port() -> int:
 class VllmServer:
     """``scripts/vllm_serve.sh MODE PORT ARGS`` on a free loopback port."""
 
-    def __init__(self, mode: str, log_dir: Path, *args: str) -> None:
+    def __init__(
+        self, mode: str, log_dir: Path, *args: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.mode = mode
         self.port = free_port()
         self.args = args
+        self.env = dict(env or {})  # added to the environment (e.g. PROBE_CONFIG)
         self.log_path = log_dir / f"vllm-{mode}-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.started_s: float | None = None  # seconds from launch to healthy
@@ -47,7 +51,7 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def launch(self) -> VllmServer:
-        env = dict(os.environ, PYTHON=sys.executable)
+        env = dict(os.environ, PYTHON=sys.executable, **self.env)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [str(SERVE), self.mode, str(self.port), *self.args],
@@ -84,26 +88,29 @@ class VllmServer:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, grace: float = 20.0) -> None:
-        process = self.process
-        if process is None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-            if process.poll() is not None:
-                break
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Children that outlive the leader (engine core, workers) share its group.
+        if self.process is not None:
+            stop_process_group(self.process, grace)
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM a process started in its own session, SIGKILL its group after ``grace_s``, then
+    once more for children that outlived the leader (vLLM's engine and workers)."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if process.poll() is not None:
+            break
         try:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, sig)
         except ProcessLookupError:
-            pass
+            break
+        try:
+            process.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def wait_healthy(servers: list[VllmServer], timeout: float) -> None:

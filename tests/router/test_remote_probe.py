@@ -1,6 +1,7 @@
 """RemoteProbe without a server: what it sends, what it checks, how it fails.
 
-Its agreement with the local probe on a real vLLM server is tested in tests/e2e/test_vllm.py.
+Its agreement with the local probe on a real vLLM server is tested in tests/e2e/test_vllm.py
+(layer mode) and tests/e2e/test_vllm_features.py (feature mode).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import pytest
 import torch
 
 from policies.schema import VllmProbeSettings
-from probes.derived import derived_name
+from probes.derived import derived_name, feature_model_name
+from probes.feature_vector import feature_vector
 from probes.metrics import compute_all
 from probes.probe import SparsityProbe
+from probes.served import FeatureLayout
 from probes.types import ProbeSettings
 from router.probing import ProbeService
 from router.remote_probe import RemoteProbe, RemoteProbeError
@@ -92,3 +95,42 @@ def test_server_down_is_a_probe_error_outcome(tiny_model_dir: Path) -> None:
             await service.aclose()
 
     assert anyio.run(run) == ("model", True)
+
+
+def test_feature_mode_unpacks_what_the_local_probe_reports(tiny_model_dir: Path) -> None:
+    """Several layers, token means and vectors: the answer is one feature vector, unpacked into
+    the local probe's result (here built from the local model's own hidden states)."""
+    settings = ProbeSettings(
+        model=str(tiny_model_dir),
+        layers=(1, 2, -1),
+        score_layer=2,
+        token_mean=True,
+        state_layers=(2,),
+        device="cpu",
+    )
+    local = SparsityProbe(settings)
+    remote = RemoteProbe(settings, VllmProbeSettings(base_url="http://h/v1"))
+    layout = FeatureLayout.for_settings(settings, 4, 64)
+    assert remote.layout == layout and remote.layers == (1, 2, 4)
+    assert remote.model_name == feature_model_name(tiny_model_dir, layout)
+    assert remote.fingerprint() == local.fingerprint()
+    ids, _ = local.encode("What is two plus two?")
+    states, _mask = local.hidden_states([ids])
+    vector = feature_vector(layout, {k: v[0] for k, v in states.items()}).tolist()
+    answer = {"data": [{"embedding": vector}], "usage": {"prompt_tokens": len(ids)}}
+    got = remote._result(ids, False, answer)
+    want = local.measure_one("What is two plus two?")
+    assert got.score == pytest.approx(want.score, abs=1e-6)
+    assert got.metrics_mean is not None and want.metrics_mean is not None
+    for layer in (1, 2, 4):
+        for name, value in want.metrics[layer].items():
+            assert got.metrics[layer][name] == pytest.approx(value, abs=1e-6)
+            assert got.metrics_mean[layer][name] == pytest.approx(
+                want.metrics_mean[layer][name], abs=1e-6
+            )
+    assert got.states is not None and want.states is not None
+    assert got.states.keys() == want.states.keys() == {"L2.last", "L2.mean"}
+    with pytest.raises(RemoteProbeError, match=f"width 64, expected {layout.width}"):
+        remote._result(ids, False, {"data": [{"embedding": [0.5] * 64}]})
+    with pytest.raises(RemoteProbeError, match=r"features L1-2_4x7m-tm-S2 .*derive-probe"):
+        remote._check_models({"data": [{"id": "other"}]})

@@ -168,7 +168,9 @@ def test_a_probe_without_the_vectors_is_refused(
         build_state(settings, probe=probe)
 
 
-def test_the_vllm_probe_cannot_keep_vectors(tmp_path: Path) -> None:
+def test_the_vllm_probe_keeps_vectors_with_the_feature_probe(tmp_path: Path) -> None:
+    """state_layers on a vLLM probe: the remote probe expects a feature server that returns
+    them (tests/e2e/test_vllm_features.py runs one)."""
     text = """
 probe:
   layers: [10]
@@ -178,7 +180,11 @@ probe:
 backends:
   small: {type: openai, base_urls: ["http://127.0.0.1:9/v1"], model: m}
 policies:
-  default: {default: small}
+  default: {default: small, on_probe_error: small}
 """
-    with pytest.raises(ValueError, match=r"probe\.state_layers.*backend: local"):
-        parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
+    settings = parse_settings(text, source_name="gateway.yaml", base_dir=tmp_path)
+    from router.remote_probe import RemoteProbe
+
+    remote = RemoteProbe.from_section(settings.probe)
+    assert remote.layout is not None and remote.state_layers == (30,)
+    assert "-L10x7m-S30-" in remote.model_name
