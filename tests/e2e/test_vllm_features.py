@@ -397,3 +397,15 @@ def test_served_name_is_what_the_gateway_expects(
 ) -> None:
     assert remote.model_name == served_name(remote.settings)
     assert "-L2-12_20-30x7m-tm-S12_30-" in remote.model_name
+
+
+def test_the_cascade_example_runs_this_probe_section() -> None:
+    """config/examples/vllm-cascade.yaml is the probe section measured here."""
+    from policies.loader import load_settings
+    from tests.e2e.vllm_server import ROOT
+
+    example = load_settings(ROOT / "config/examples/vllm-cascade.yaml", env={})
+    tested = _settings("http://127.0.0.1:9/v1").probe
+    keys = ("layers", "score_layer", "token_mean", "state_layers", "metrics", "max_tokens")
+    assert {k: getattr(example.probe, k) for k in keys} == {k: getattr(tested, k) for k in keys}
+    assert example.probe.backend == "vllm"
