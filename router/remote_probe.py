@@ -75,7 +75,6 @@ class RemoteProbe:
         self.n_layers = int(config["num_hidden_layers"])
         self.hidden_size = int(config["hidden_size"])
         layer = settings.layers[-1] if settings.score_layer is None else settings.score_layer
-        self.score_layer = resolve_layer(layer, self.n_layers)
         # Feature mode: the server returns every feature; layer mode: one layer's vector.
         self.layout: FeatureLayout | None = None
         if needs_features(settings):
@@ -83,10 +82,18 @@ class RemoteProbe:
                 self.layout = FeatureLayout.for_settings(settings, self.n_layers, self.hidden_size)
             except ValueError as exc:
                 raise RemoteProbeError(f"probe: {exc}") from None
+            if self.layout.deepest == 0:
+                raise RemoteProbeError(
+                    "probe.layers: a vLLM probe reading only layer 0 (the embeddings) has no "
+                    "layer to run: add a layer >= 1, or use backend: local"
+                )
+            # in range (the layout checked it); layer 0, the embeddings, is a feature too
+            self.score_layer = layer if layer >= 0 else self.n_layers + 1 + layer
             self.layers: tuple[int, ...] = self.layout.layers
             self.state_layers: tuple[int, ...] = self.layout.state_layers
             self.model_name = remote.model or feature_model_name(source, self.layout)
         else:
+            self.score_layer = resolve_layer(layer, self.n_layers)
             self.layers = (self.score_layer,)
             self.state_layers = ()
             self.model_name = remote.model or derived_name(source, self.score_layer)

@@ -134,3 +134,12 @@ def test_feature_mode_unpacks_what_the_local_probe_reports(tiny_model_dir: Path)
         remote._result(ids, False, {"data": [{"embedding": [0.5] * 64}]})
     with pytest.raises(RemoteProbeError, match=r"features L1-2_4x7m-tm-S2 .*derive-probe"):
         remote._check_models({"data": [{"id": "other"}]})
+
+
+def test_feature_mode_reads_the_embeddings_too(tiny_model_dir: Path) -> None:
+    """Layer 0 (the embeddings), even as the score's layer: a feature, unlike in layer mode."""
+    settings = ProbeSettings(model=str(tiny_model_dir), layers=(0, 2), score_layer=0)
+    remote = RemoteProbe(settings, VllmProbeSettings(base_url="http://h/v1"))
+    assert remote.score_layer == 0 and remote.layers == (0, 2)
+    with pytest.raises(RemoteProbeError, match="only layer 0"):
+        RemoteProbe(ProbeSettings(model=str(tiny_model_dir), layers=(0,)), remote.remote)
