@@ -9,7 +9,9 @@ vectors of layer 30, a neighbour vote on layer 12's token mean) and the cascade'
 
 * every feature (each metric at each layer, last token and token mean; each hidden-vector
   coordinate) equals the local probe's within 1e-3, on 200 prompts and on the 200 prompt +
-  answer conversations a cascade reads, measured 16 at a time;
+  answer conversations a cascade reads, measured 16 at a time; the last-token outlier fraction,
+  a count in steps of 1/576, may differ by one coordinate on its threshold (seen once on
+  benchmark answers: bench/results/vllm_equivalence.md);
 * P(large) of a default prompt calibration and of a default answer calibration (fitted here
   with ``calibrate --labels``'s code on the local probe) equal within 1e-3;
 * the gateway with ``probe.backend: vllm`` routes on them: the ``x-router-p-large`` and
@@ -19,10 +21,7 @@ vectors of layer 30, a neighbour vote on layer 12's token mean) and the cascade'
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +29,17 @@ import openai
 import pytest
 
 from evaluation.outcomes import OutcomeSet
-from evaluation.supervised import fit_supervised, plan_label_fit
 from policies.loader import parse_settings
 from policies.schema import Settings
 from probes.answers import answer_input
 from probes.calibration import Calibration
 from probes.derived import served_name
-from probes.feature_names import POSITIONS, feature_name, feature_value, parse_feature
-from probes.feature_table import FeatureTable
 from probes.probe import SparsityProbe
-from probes.supervised import LENGTH_FEATURE
-from probes.types import ProbeInput, ProbeResult
+from probes.types import ProbeInput
 from router.app import create_app
 from router.remote_probe import RemoteProbe
 from tests.e2e.conftest import START_TIMEOUT_S, vllm_provisioned
+from tests.e2e.equivalence import Measured, default_calibration, measure_both, worst_differences
 from tests.e2e.prompts import PROMPTS_WITH_ANSWERS
 from tests.e2e.vllm_server import VllmServer, wait_healthy
 from tests.servers import FakeUpstream, ServerThread
@@ -75,14 +71,6 @@ policies:
 """
     )
     return parse_settings(text, source_name="features-e2e.yaml", base_dir=base)
-
-
-@dataclass(frozen=True, slots=True)
-class Measured:
-    inputs: list[ProbeInput]
-    local: list[ProbeResult]
-    remote: list[ProbeResult]
-    remote_s: float
 
 
 def _conversation(item: ProbeInput) -> list[dict[str, str]]:
@@ -132,57 +120,14 @@ def remote(feature_server: VllmServer) -> RemoteProbe:
     return RemoteProbe(section.probe_settings(), section.vllm)
 
 
-async def _measure_remote(
-    remote: RemoteProbe, inputs: list[ProbeInput], concurrency: int
-) -> list[ProbeResult]:
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(item: ProbeInput) -> ProbeResult:
-        async with gate:
-            return await remote.ameasure_one(item)
-
-    try:
-        return list(await asyncio.gather(*(one(x) for x in inputs)))
-    finally:
-        await remote.aclose()
-
-
-def _measured(local: SparsityProbe, remote: RemoteProbe, inputs: list[ProbeInput]) -> Measured:
-    want = local.measure(inputs, batch_size=8)
-    started = time.perf_counter()
-    got = asyncio.run(_measure_remote(remote, inputs, concurrency=16))
-    return Measured(inputs, want, got, time.perf_counter() - started)
-
-
 @pytest.fixture(scope="module")
 def prompts(local: SparsityProbe, remote: RemoteProbe) -> Measured:
-    return _measured(local, remote, PROMPT_INPUTS)
+    return measure_both(local, remote, PROMPT_INPUTS)
 
 
 @pytest.fixture(scope="module")
 def answers(local: SparsityProbe, remote: RemoteProbe) -> Measured:
-    return _measured(local, remote, ANSWER_INPUTS)
-
-
-def _worst(measured: Measured) -> dict[str, float]:
-    """The largest |local - vLLM| per kind of feature, asserting the results line up."""
-    worst = {"metrics last": 0.0, "metrics mean": 0.0, "vectors": 0.0, "score": 0.0}
-    for item, want, got in zip(measured.inputs, measured.local, measured.remote, strict=True):
-        assert (got.n_tokens, got.truncated) == (want.n_tokens, want.truncated), item
-        assert want.metrics_mean is not None and got.metrics_mean is not None
-        assert want.states is not None and got.states is not None
-        assert set(got.metrics) == set(want.metrics) and set(got.states) == set(want.states)
-        for layer, values in want.metrics.items():
-            for name, value in values.items():
-                d_last = abs(got.metrics[layer][name] - value)
-                d_mean = abs(got.metrics_mean[layer][name] - want.metrics_mean[layer][name])
-                worst["metrics last"] = max(worst["metrics last"], d_last)
-                worst["metrics mean"] = max(worst["metrics mean"], d_mean)
-        for block, vector in want.states.items():
-            diff = np.abs(np.asarray(got.states[block]) - np.asarray(vector)).max()
-            worst["vectors"] = max(worst["vectors"], float(diff))
-        worst["score"] = max(worst["score"], abs(got.score - want.score))
-    return worst
+    return measure_both(local, remote, ANSWER_INPUTS)
 
 
 @pytest.mark.parametrize("which", ["prompts", "answers"])
@@ -190,12 +135,14 @@ def test_every_feature_equals_the_local_probe(which: str, request: pytest.Fixtur
     measured: Measured = request.getfixturevalue(which)
     assert len(measured.inputs) == 200
     assert sum(r.truncated for r in measured.local) >= 5  # the tail cut is exercised
-    worst = _worst(measured)
+    worst = worst_differences(measured)
     print(
         f"\n{which}: 200 inputs, vLLM feature probe at 16 concurrent: "
         f"{200 / measured.remote_s:.1f}/s; worst |local - vLLM|: "
         + ", ".join(f"{k} {v:.2g}" for k, v in worst.items())
     )
+    flips = worst.pop("outlier_frac flips")
+    assert flips <= 1  # a coordinate on the threshold (see tests/e2e/equivalence.COUNTED)
     for kind, diff in worst.items():
         assert diff <= TOLERANCE, (kind, diff)
 
@@ -211,38 +158,9 @@ def _labels(n: int) -> tuple[np.ndarray, np.ndarray]:
     return small, np.ones(n)
 
 
-def _table(results: list[ProbeResult]) -> FeatureTable:
-    """The feature table ``calibrate --labels`` would extract (oriented sparsity values, as
-    :func:`probes.feature_names.feature_value` reads them from a live result), from results
-    already measured: every layer and metric the probe reads, both positions, its vectors."""
-    first = results[0]
-    assert first.metrics_mean is not None and first.states is not None
-    names = [
-        feature_name(layer, metric, position)
-        for position in POSITIONS
-        for layer in first.metrics
-        for metric in first.metrics[layer]
-    ]
-    parsed = [parse_feature(name) for name in names]
-    values = np.array(
-        [[feature_value(r, la, metric, pos) for la, metric, pos in parsed] for r in results]
-    )
-    return FeatureTable(
-        names=tuple(names),
-        values=values,
-        n_tokens=np.array([r.n_tokens for r in results], float),
-        truncated=np.array([r.truncated for r in results], bool),
-        nll=np.full(len(results), np.nan),
-        states={
-            block: np.array([r.states[block] for r in results], np.float32)  # type: ignore[index]
-            for block in first.states
-        },
-    )
-
-
 def _calibration(local: SparsityProbe, measured: Measured, *, answers: bool) -> Calibration:
     """A default supervised calibration (the recipe and fit of ``calibrate --labels``), fitted
-    on the local probe's results."""
+    on the local probe's results and :func:`_labels`."""
     small, large = _labels(len(measured.inputs))
     data = OutcomeSet(
         prompts=[str(x) for x in measured.inputs],
@@ -252,17 +170,7 @@ def _calibration(local: SparsityProbe, measured: Measured, *, answers: bool) -> 
         answers=[a for _, a in PROMPTS_WITH_ANSWERS] if answers else None,
         inputs=measured.inputs,
     )
-    plan = plan_label_fit(local, len(data), answers=answers)
-    model = fit_supervised(
-        _table(measured.local),
-        data,
-        [f for f in plan.features if f != LENGTH_FEATURE],
-        neighbours=[block for _, block in plan.neighbours],
-    )
-    if answers:
-        model = model.model_copy(update={"reads": "answer"})
-    base = Calibration.fit(measured.local, local.fingerprint(), min_per_bucket=25)
-    return base.model_copy(update={"supervised": model})
+    return default_calibration(local, measured.local, data)
 
 
 @pytest.fixture(scope="module")
