@@ -24,9 +24,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from evaluation.outcomes import OutcomeSet
 from policies.loader import parse_settings
@@ -37,6 +39,7 @@ from probes.derived import served_name
 from probes.probe import SparsityProbe
 from probes.types import ProbeInput
 from router.app import create_app
+from router.events import RequestEvent, SQLiteSink, read_events
 from router.remote_probe import RemoteProbe
 from tests.e2e.conftest import START_TIMEOUT_S, vllm_provisioned
 from tests.e2e.equivalence import Measured, default_calibration, measure_both, worst_differences
@@ -217,6 +220,7 @@ policies:
     on_probe_error: small
     cascade: {{backend: small, escalate_to: large, when: {{p_large: {{min: {answer_threshold}}}}},
                on_probe_error: keep}}
+events: {{sink: sqlite, path: "{events}"}}
 """
 
 
@@ -228,7 +232,8 @@ def test_gateway_routes_and_cascades_on_the_vllm_probe(
     tmp_path: Path,
 ) -> None:
     """The supervised prompt router and the cascade's answer check, both on the vLLM probe,
-    through the gateway with the openai SDK: headers and routes follow the local probe."""
+    through the gateway with the openai SDK: headers and routes follow the local probe, and
+    /metrics and the events store record what the headers said."""
     prompt_cal = Calibration.load(calibrations["prompt"])
     answer_cal = Calibration.load(calibrations["answer"])
     p_prompt = [prompt_cal.with_percentile(r).p_large for r in prompts.local]
@@ -249,6 +254,7 @@ def test_gateway_routes_and_cascades_on_the_vllm_probe(
             large=upstreams["large"].url + "/v1",
             threshold=threshold,
             answer_threshold=answer_threshold,
+            events=tmp_path / "events.sqlite",
         )
         settings = _settings(feature_server.url, tail, base=tmp_path)
         assert settings.probe.backend == "vllm"
@@ -258,6 +264,7 @@ def test_gateway_routes_and_cascades_on_the_vllm_probe(
                 base_url=gateway.url + "/v1", api_key="none", max_retries=0, timeout=120
             )
             routes: dict[str, int] = {}
+            seen: dict[str, dict[str, str]] = {}  # request id -> the x-router headers
             for i in range(0, 200, 10):  # 20 requests, every form; every other one streamed
                 messages = _conversation(prompts.inputs[i])
                 stream = i % 20 == 10
@@ -267,6 +274,7 @@ def test_gateway_routes_and_cascades_on_the_vllm_probe(
                     stream=stream,  # type: ignore[arg-type]
                 )
                 h = raw.headers
+                seen[h["x-request-id"]] = {k: v for k, v in h.items() if k.startswith("x-router")}
                 body = raw.parse()
                 if stream:
                     text = "".join(c.choices[0].delta.content or "" for c in body if c.choices)  # type: ignore[union-attr]
@@ -293,11 +301,53 @@ def test_gateway_routes_and_cascades_on_the_vllm_probe(
                         routes[key] = routes.get(key, 0) + 1
             print(f"\ngateway on the vLLM feature probe, 20 requests: {routes}")
             assert len(routes) >= 2, routes
+            metrics = httpx.get(gateway.url + "/metrics", timeout=10).text
         finally:
-            gateway.stop()
+            gateway.stop()  # flushes the event log
     finally:
         for server in upstreams.values():
             server.stop()
+    _check_metrics_and_events(metrics, seen, tmp_path / "events.sqlite")
+
+
+def _check_metrics_and_events(metrics: str, seen: dict[str, dict[str, str]], events: Path) -> None:
+    """What /metrics counted and the events store kept equal what the clients were told."""
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+
+    def total(name: str, **labels: str) -> float:
+        return sum(
+            v
+            for (n, ls), v in samples.items()
+            if n == name and all((k, labels[k]) in ls for k in labels)
+        )
+
+    backends = [h["x-router-backend"] for h in seen.values()]
+    for backend in ("small", "large"):
+        counted = total("sparsity_router_requests_total", backend=backend, status="200")
+        assert counted == backends.count(backend), (backend, counted)
+    verdicts = [h["x-router-cascade"] for h in seen.values() if "x-router-cascade" in h]
+    for verdict in ("kept", "escalated"):
+        assert total("sparsity_router_cascades_total", verdict=verdict) == verdicts.count(verdict)
+    assert total("sparsity_router_probe_errors_total") == 0
+    sink = SQLiteSink(events)
+    try:
+        recorded = {e.request_id: e for e in read_events(sink) if isinstance(e, RequestEvent)}
+    finally:
+        sink.close()
+    assert recorded.keys() == seen.keys()
+    for request_id, h in seen.items():
+        event = recorded[request_id]
+        assert event.backend == h["x-router-backend"] and event.status == 200
+        assert event.cascade == h.get("x-router-cascade")
+        if "x-router-answer-p-large" in h:
+            assert event.answer_p_large == pytest.approx(
+                float(h["x-router-answer-p-large"]), abs=5e-5
+            )
+        assert event.score == pytest.approx(float(h["x-router-score"]), abs=5e-6)
 
 
 def test_served_name_is_what_the_gateway_expects(
