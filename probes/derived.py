@@ -336,23 +336,19 @@ def _layout(settings: ProbeSettings, source: Path) -> FeatureLayout:
         raise ProbeInputError(str(exc)) from None
 
 
-def _single_layer(settings: ProbeSettings) -> int:
-    return settings.layers[-1] if settings.score_layer is None else settings.score_layer
-
-
 def served_name(settings: ProbeSettings) -> str:
     """The served model name a remote probe with ``settings`` expects (nothing is built)."""
     source = model_dir(settings.model)
     if needs_features(settings):
         return feature_model_name(source, _layout(settings, source))
-    return derived_name(source, _single_layer(settings))
+    return derived_name(source, settings.score_layer_spec)
 
 
 def derive_for_settings(settings: ProbeSettings) -> DerivedModel | FeatureModel:
     """Build (once) the folder a vLLM server runs for a remote probe with ``settings``."""
     if needs_features(settings):
         return derive_feature_model(settings.model, _layout(settings, model_dir(settings.model)))
-    return derive_probe_model(settings.model, _single_layer(settings))
+    return derive_probe_model(settings.model, settings.score_layer_spec)
 
 
 def _int_list(text: str) -> tuple[int, ...]:

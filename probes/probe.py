@@ -101,12 +101,11 @@ class SparsityProbe:
             self.settings.model, device=self.settings.device, dtype=self.settings.dtype
         )
         self.n_layers = self.loaded.n_layers
+        score_spec = self.settings.score_layer_spec
         self.layers: tuple[int, ...] = tuple(
-            dict.fromkeys(
-                self._resolve_layer(x) for x in (*self.settings.layers, self._score_layer_spec)
-            )
+            dict.fromkeys(self._resolve_layer(x) for x in (*self.settings.layers, score_spec))
         )
-        self.score_layer = self._resolve_layer(self._score_layer_spec)
+        self.score_layer = self._resolve_layer(score_spec)
         self.state_layers: tuple[int, ...] = tuple(
             dict.fromkeys(self._resolve_layer(x) for x in self.settings.state_layers)
         )
@@ -119,11 +118,6 @@ class SparsityProbe:
         self._encoder = PromptEncoder(self.settings, self.loaded.tokenizer)
 
     # -- configuration -------------------------------------------------------------------
-    @property
-    def _score_layer_spec(self) -> int:
-        s = self.settings
-        return s.layers[-1] if s.score_layer is None else s.score_layer
-
     def _resolve_layer(self, layer: int) -> int:
         n = self.n_layers
         if not -n <= layer <= n:

@@ -139,6 +139,12 @@ class ProbeSettings(BaseModel):
         return self
 
     @property
+    def score_layer_spec(self) -> int:
+        """The score's layer as configured (negative from the end): ``score_layer``, else the
+        last entry of ``layers``."""
+        return self.layers[-1] if self.score_layer is None else self.score_layer
+
+    @property
     def message_limit(self) -> int:
         """``max_messages``, or its default: ``max_tokens``."""
         return self.max_messages if self.max_messages is not None else self.max_tokens

@@ -74,7 +74,7 @@ class RemoteProbe:
         config = read_config(source)
         self.n_layers = int(config["num_hidden_layers"])
         self.hidden_size = int(config["hidden_size"])
-        layer = settings.layers[-1] if settings.score_layer is None else settings.score_layer
+        layer = settings.score_layer_spec
         # Feature mode: the server returns every feature; layer mode: one layer's vector.
         self.layout: FeatureLayout | None = None
         if needs_features(settings):

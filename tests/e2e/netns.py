@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from tests.e2e.vllm_server import stop_process_group
+from tests.e2e.vllm_server import log_tail, stop_process_group
 
 __all__ = [
     "Host",
@@ -180,11 +180,7 @@ class NsProcess:
         return self.process.poll() is None
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def log_text(self) -> str:
         try:

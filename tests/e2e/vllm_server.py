@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["ROOT", "VllmServer", "free_port", "stop_process_group", "wait_healthy"]
+__all__ = ["ROOT", "VllmServer", "free_port", "log_tail", "stop_process_group", "wait_healthy"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = ROOT / "scripts" / "vllm_serve.sh"
@@ -81,15 +81,20 @@ class VllmServer:
         return ok
 
     def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def stop(self, grace: float = 20.0) -> None:
         if self.process is not None:
             stop_process_group(self.process, grace)
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a server's log (or a note that there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def stop_process_group(process: subprocess.Popen[bytes], grace_s: float) -> None:

@@ -28,7 +28,6 @@ except ImportError as exc:  # pragma: no cover - a deployment error, said plainl
         "with PYTHONPATH=/path/to/sparsity-router (scripts/vllm_serve.sh does)"
     ) from exc
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.pooler import PoolingParamsUpdate
 from vllm.model_executor.layers.pooler.abstract import Pooler
 from vllm.model_executor.models.adapters import as_embedding_model
 from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -67,9 +66,6 @@ class FeaturePooler(Pooler):
 
     def get_supported_tasks(self) -> Set[PoolingTask]:
         return {"embed"}
-
-    def get_pooling_updates(self, task: PoolingTask) -> PoolingParamsUpdate:
-        return PoolingParamsUpdate()
 
     def forward(
         self, hidden_states: torch.Tensor, pooling_metadata: PoolingMetadata
